@@ -1,0 +1,85 @@
+"""The interface every sequence backend implements, and the bookkeeping they share.
+
+A backend maps (batch, length, channels) to the same shape, causally, in three modes:
+
+- ``forward(x)``: parallel over the whole sequence from a zero state (training);
+- ``initial_state(batch)`` / ``step(x_t, state)``: recurrent, O(1) work per sample (generation);
+- ``forward_with_state(x, state)``: parallel over a chunk that starts from ``state``, returning the
+  state after the chunk, computed in closed form or by a scan, never by stepping (prompt reading).
+
+A state is a tuple of real float tensors (complex modes are stored as real/imag pairs), so the
+step exports to ONNX and other engines can run it; ``state_names()`` names them.
+
+Stepping needs a preparation (discretization, diagonalization, the conversion of a kernel's
+C-tilde back to C). ``step_cache()`` recomputes it whenever any parameter changed (new values,
+moved to another device, loaded from a checkpoint), so it is never silently stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+class SequenceBackend(nn.Module):
+    """Base class of the sequence layers (S4, S4D, Mamba, and third-party plug-ins)."""
+
+    #: True when the layer ends in an output projection of its own (Mamba's out_proj): the
+    #: SaShiMi sequence block then adds no GELU + output linear after it.
+    has_output_projection: bool = False
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self._step_key: tuple | None = None
+        self._step_value: Any = None
+
+    # --- the three modes ------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
+        y, _ = self.forward_with_state(x, self.initial_state(x.shape[0], x.device, x.dtype))
+        return y
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> State:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # x: (B, H)
+        raise NotImplementedError
+
+    def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def state_names(self) -> list[str]:
+        """One short name per tensor of the state, in order (used for ONNX input/output names)."""
+        raise NotImplementedError
+
+    # --- training helpers -----------------------------------------------------------------------
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the state-space part that get their own optimizer group (reference:
+        lr 1e-3, no weight decay). Default: none."""
+        return []
+
+    # --- step preparation -----------------------------------------------------------------------
+    def prepare_step(self) -> Any:
+        """Compute what `step` needs from the parameters (override). Called by `step_cache`."""
+        return None
+
+    def step_cache(self) -> Any:
+        """`prepare_step()`, recomputed whenever a parameter changed since the last call.
+
+        The key is each parameter's storage and version counter: in-place updates (optimizer
+        steps, `load_state_dict`) bump the version, `.to(device)` changes the storage. Under
+        autograd nothing is cached, so gradients flow through the preparation.
+        """
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.prepare_step()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key != self._step_key:
+            self._step_value = self.prepare_step()
+            self._step_key = key
+        return self._step_value
