@@ -1,0 +1,159 @@
+"""S4D: the diagonal state-space layer (Gu et al. 2022, "On the Parameterization and Initialization
+of Diagonal State Space Models").
+
+Per channel h and mode n (N/2 complex modes, their conjugates implied):
+    x_t = dA x_{t-1} + dB u_t,   y_t = 2 Re(C x_t) + D u_t,
+with ZOH discretization dA = exp(dt A), dB = (exp(dt A) - 1) / A (B is folded into C).
+
+The convolution kernel K_l = 2 Re(sum_n C_n dB_n dA_n^l) is a Vandermonde product. It is computed
+two-level, z^(Ka+b) = z^(Ka) z^b, as one batched matmul, so no (H, N, L) tensor is ever built: this
+is what makes CPU training fast (the reference builds that tensor and crawls). `vandermonde_naive`
+is the slow, obvious version the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssmgen.backends.base import SequenceBackend, State
+
+
+# ------------------------------------------------------------------------------------------------
+# Vandermonde products (shared with other diagonal layers)
+# ------------------------------------------------------------------------------------------------
+
+def _block(L: int) -> int:
+    return max(1, min(L, 1 << max(0, round(math.log2(max(L, 1)) / 2))))
+
+
+def vandermonde(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> Tensor:
+    """out[..., l] = sum_n coef[..., n] * exp(log_z[..., n] * (l + offset)) for l in [0, L).
+
+    coef: (..., N) complex, broadcastable against log_z: (..., N) complex. Two-level powers
+    (l = K a + b) turn the sum into one batched (A x N) @ (N x K) matmul.
+    """
+    K = _block(L)
+    A = -(-L // K)
+    a = torch.arange(A, device=log_z.device, dtype=log_z.real.dtype)
+    b = torch.arange(K, device=log_z.device, dtype=log_z.real.dtype)
+    za = torch.exp(log_z.unsqueeze(-1) * (a * K + offset))  # (..., N, A)
+    zb = torch.exp(log_z.unsqueeze(-1) * b)  # (..., N, K)
+    out = (coef.unsqueeze(-1) * za).transpose(-1, -2) @ zb  # (..., A, K)
+    return out.flatten(-2)[..., :L]
+
+
+def vandermonde_transposed(u: Tensor, log_z: Tensor) -> Tensor:
+    """out[..., n] = sum_l u[..., l] * exp(log_z[..., n] * l): u (..., L) real or complex,
+    log_z (..., N) broadcastable against u's leading dims. Two-level, like `vandermonde`."""
+    L = u.shape[-1]
+    K = _block(L)
+    A = -(-L // K)
+    u = F.pad(u, (0, A * K - L)).to(log_z.dtype).unflatten(-1, (A, K))  # (..., A, K)
+    a = torch.arange(A, device=u.device, dtype=log_z.real.dtype)
+    b = torch.arange(K, device=u.device, dtype=log_z.real.dtype)
+    zb = torch.exp(log_z.unsqueeze(-2) * b.unsqueeze(-1))  # (..., K, N)
+    za = torch.exp(log_z.unsqueeze(-2) * (a * K).unsqueeze(-1))  # (..., A, N)
+    return ((u @ zb) * za).sum(-2)
+
+
+def vandermonde_naive(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> Tensor:
+    """Reference for `vandermonde`: builds the full (..., N, L) power table."""
+    l = torch.arange(L, device=log_z.device, dtype=log_z.real.dtype) + offset
+    return (coef.unsqueeze(-1) * torch.exp(log_z.unsqueeze(-1) * l)).sum(-2)
+
+
+def causal_conv(u: Tensor, k: Tensor) -> Tensor:
+    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT (zero-padded to 2L: no wrap-around)."""
+    L = u.shape[-1]
+    n = 2 * L
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer
+# ------------------------------------------------------------------------------------------------
+
+class S4D(SequenceBackend):
+    """Diagonal SSM layer with D skip. `init`: 'lin' (S4D-Lin, A_n = -1/2 + i pi n) or 'inv'
+    (S4D-Inv, A_n = -1/2 + i N/pi (N/(2n+1) - 1)). dt is log-uniform in [dt_min, dt_max]."""
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", dt_min: float = 1e-3,
+                 dt_max: float = 1e-1, lr: float | None = 1e-3) -> None:
+        super().__init__(d_model)
+        if d_state % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        H, N2 = d_model, d_state // 2
+        self.d_state, self.lr = d_state, lr
+        n = torch.arange(N2, dtype=torch.float32)
+        if init == "lin":
+            imag = math.pi * n
+        elif init == "inv":
+            imag = d_state / math.pi * (d_state / (2 * n + 1) - 1)
+        else:
+            raise ValueError(f"unknown S4D init '{init}': use lin or inv")
+        self.log_A_real = nn.Parameter(torch.full((H, N2), math.log(0.5)))
+        self.A_imag = nn.Parameter(imag.repeat(H, 1))
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_dt = nn.Parameter(log_dt)
+        # C ~ CN(0, 1) per mode (the reference's S4D init), stored as real/imag pairs.
+        self.C = nn.Parameter(torch.randn(H, N2, 2) * math.sqrt(0.5))
+        self.D = nn.Parameter(torch.randn(H))
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        return [self.log_A_real, self.A_imag, self.log_dt]
+
+    # --- discretization ---------------------------------------------------------------------------
+    def discrete(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(dtA, dB, C) as complex tensors (H, N/2): log of the transition, input map, output map."""
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+        dtA = A * torch.exp(self.log_dt).unsqueeze(-1)
+        dB = torch.expm1(dtA) / A
+        return dtA, dB, torch.view_as_complex(self.C.contiguous())
+
+    def kernel(self, L: int) -> Tensor:
+        """K (H, L): K_l = 2 Re(sum_n C_n dB_n dA_n^l)."""
+        dtA, dB, C = self.discrete()
+        return 2 * vandermonde(C * dB, dtA, L).real
+
+    def prepare_step(self) -> tuple[Tensor, Tensor, Tensor]:
+        dtA, dB, C = self.discrete()
+        return torch.exp(dtA), dB, C
+
+    # --- modes --------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.transpose(1, 2)  # (B, H, L)
+        y = causal_conv(u, self.kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u
+        return y.transpose(1, 2)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
+        shape = (batch_size, self.d_model, self.d_state // 2)
+        dtype = dtype or self.log_dt.dtype
+        device = device or self.log_dt.device
+        return (torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype))
+
+    def state_names(self) -> list[str]:
+        return ["re", "im"]
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        dA, dB, C = self.step_cache()
+        s = torch.complex(*state)
+        s = dA * s + dB * x.unsqueeze(-1)
+        y = 2 * (C * s).real.sum(-1) + self.D * x
+        return y, (s.real.contiguous(), s.imag.contiguous())
+
+    def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        u = x.transpose(1, 2)  # (B, H, L)
+        L = u.shape[-1]
+        dtA, dB, C = self.discrete()
+        s0 = torch.complex(*state)  # (B, H, N/2)
+        y = causal_conv(u, 2 * vandermonde(C * dB, dtA, L).real.to(u.dtype))
+        # The initial state's echo: y_t += 2 Re(sum_n C_n dA_n^(t+1) s0_n).
+        y = y + 2 * vandermonde(C * s0, dtA, L, offset=1).real + self.D.unsqueeze(-1) * u
+        # Final state: dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product).
+        s = torch.exp(dtA * L) * s0 + dB * vandermonde_transposed(u.flip(-1), dtA.unsqueeze(0))
+        return y.transpose(1, 2), (s.real.contiguous(), s.imag.contiguous())

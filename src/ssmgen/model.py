@@ -1,0 +1,338 @@
+"""SaShiMi (Goel et al. 2022, "It's Raw! Audio Generation with State-Space Models"), with a plug-in
+sequence backend.
+
+Tiers run at rates L, L/4, L/16 (pool [4, 4]) with 64, 128, 256 channels (expand 2). The down path
+only pools (DownPool: 4 steps reshaped into channels, then a linear map); all residual pairs
+(sequence block + feed-forward block) sit in the centre tier and in each up tier. UpPool is a linear
+map, a shift right by one coarse step (which keeps the model causal), and a reshape back. Each
+DownPool input is added to the matching UpPool output, and each tier's stack has a residual around it.
+
+Three modes, as for a backend:
+- ``model(tokens) -> logits``: parallel (training, evaluation);
+- ``model.initial_state(batch)``, ``model.step(token, state) -> (logits, state)``: one sample;
+- ``model.forward_with_state(tokens, state) -> (logits, state)``: parallel over a chunk from a state,
+  returning the state after it (every layer's state and every pool's buffer), computed in parallel.
+  This is how a prompt is read.
+
+Within a frame of 16 samples the schedule is fixed: the tier at rate L/P runs on the step t with
+(t + 1) % P == 0, which is why the fast engines work in blocks of 16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssmgen import backends
+from ssmgen.config import ModelConfig
+
+
+@dataclass
+class ModelState:
+    """The recurrent state of a whole model: `t` samples consumed so far, and named tensors
+    (every backend layer's state, every pool's buffer) in a fixed order."""
+
+    t: int
+    tensors: dict[str, Tensor]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+
+class SequenceBlock(nn.Module):
+    """Pre-LayerNorm residual: x + Linear(GELU(backend(LN(x)))). The backend includes its D skip.
+    A backend with its own output projection (Mamba) gets no GELU + linear after it."""
+
+    def __init__(self, d: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.layer = backends.create(cfg.backend, d, **cfg.options())
+        self.glu = cfg.glu
+        if self.layer.has_output_projection:
+            self.output_linear = None
+        else:
+            self.output_linear = nn.Linear(d, 2 * d if cfg.glu else d)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def _post(self, y: Tensor) -> Tensor:
+        if self.output_linear is not None:
+            y = self.output_linear(F.gelu(y))
+            if self.glu:
+                y = F.glu(y, dim=-1)
+        return self.dropout(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self._post(self.layer(self.norm(x)))
+
+    def forward_with_state(self, x: Tensor, state):
+        y, state = self.layer.forward_with_state(self.norm(x), state)
+        return x + self._post(y), state
+
+    def step(self, x: Tensor, state):
+        y, state = self.layer.step(self.norm(x), state)
+        return x + self._post(y), state
+
+
+class FFBlock(nn.Module):
+    """Pre-LayerNorm residual feed-forward: x + Linear(GELU(Linear(LN(x))))."""
+
+    def __init__(self, d: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.ff_expand * d)
+        self.fc2 = nn.Linear(cfg.ff_expand * d, d)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x))))))
+
+
+class Tier(nn.Module):
+    """n_layers residual pairs (sequence block, FF block) with a residual around the whole stack."""
+
+    def __init__(self, d: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.seq = nn.ModuleList(SequenceBlock(d, cfg) for _ in range(cfg.n_layers))
+        self.ff = nn.ModuleList(FFBlock(d, cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x
+        for seq, ff in zip(self.seq, self.ff):
+            y = ff(seq(y))
+        return y + x
+
+    def forward_with_state(self, x: Tensor, states: list) -> tuple[Tensor, list]:
+        y, new = x, []
+        for seq, ff, s in zip(self.seq, self.ff, states):
+            y, s = seq.forward_with_state(y, s)
+            y = ff(y)
+            new.append(s)
+        return y + x, new
+
+    def step(self, x: Tensor, states: list) -> tuple[Tensor, list]:
+        y, new = x, []
+        for seq, ff, s in zip(self.seq, self.ff, states):
+            y, s = seq.step(y, s)
+            y = ff(y)
+            new.append(s)
+        return y + x, new
+
+
+class DownPool(nn.Module):
+    """(B, L, H) -> (B, L // pool, H * expand): `pool` consecutive steps into channels, linear."""
+
+    def __init__(self, d: int, pool: int, expand: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(d * pool, d * expand)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[1] // self.pool
+        return self.linear(x[:, : n * self.pool].reshape(x.shape[0], n, -1))
+
+
+class UpPool(nn.Module):
+    """(B, n, H * expand) -> pieces for the finer tier: linear to H * pool per coarse step. The
+    shift by one coarse step happens where the pieces are used (`upsample`)."""
+
+    def __init__(self, d: int, pool: int, expand: int) -> None:
+        super().__init__()
+        self.pool, self.d = pool, d
+        self.linear = nn.Linear(d * expand, d * pool)
+
+    def upsample(self, x: Tensor, prev: Tensor, length: int) -> Tensor:
+        """Fine-rate sequence of `length` steps: step j gets piece j % pool of coarse frame
+        j // pool - 1; frame -1 is `prev` (B, pool, H), the pieces carried in the state."""
+        B = x.shape[0]
+        frames = torch.cat([prev.reshape(B, 1, -1), self.linear(x)], dim=1)
+        return frames.reshape(B, -1, self.d)[:, :length]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+class SaShiMi(nn.Module):
+    """Token-level SaShiMi: tokens (B, L) int64 in [0, 256) -> logits (B, L, 256)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        widths = [cfg.d_model * cfg.expand ** i for i in range(len(cfg.pool) + 1)]
+        self.widths = widths
+        self.embedding = nn.Embedding(cfg.n_tokens, cfg.d_model)
+        self.down = nn.ModuleList(DownPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
+        self.center = Tier(widths[-1], cfg)
+        self.up = nn.ModuleList(UpPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
+        self.tiers = nn.ModuleList(Tier(widths[i], cfg) for i in range(len(cfg.pool)))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_tokens)
+
+    @property
+    def frame(self) -> int:
+        return self.cfg.frame
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        """Parameters of every backend's state-space part (their own optimizer group)."""
+        out = []
+        for m in self.modules():
+            if isinstance(m, backends.SequenceBackend):
+                out.extend(m.ssm_parameters())
+        return out
+
+    def _tier(self, level: int) -> Tier:
+        return self.center if level == len(self.cfg.pool) else self.tiers[level]
+
+    # --- parallel -----------------------------------------------------------------------------------
+    def forward(self, tokens: Tensor) -> Tensor:
+        logits, _ = self._parallel(tokens, None)
+        return logits
+
+    def forward_with_state(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Logits for `tokens` and the state after them, read in parallel. If the state is not at a
+        frame boundary (t % 16 != 0), the few samples up to the boundary are stepped first."""
+        outs = []
+        while state.t % self.frame and tokens.shape[1]:
+            logits, state = self.step(tokens[:, 0], state)
+            outs.append(logits.unsqueeze(1))
+            tokens = tokens[:, 1:]
+        if tokens.shape[1]:
+            logits, state = self._parallel(tokens, state)
+            outs.append(logits)
+        return torch.cat(outs, dim=1), state
+
+    def _parallel(self, tokens: Tensor, state: ModelState | None):
+        cfg, B = self.cfg, tokens.shape[0]
+        S = state.tensors if state is not None else None
+        new: dict[str, Tensor] = {}
+        xs = [self.embedding(tokens)]
+        for i, down in enumerate(self.down):  # down path: pooling only
+            x = xs[-1]
+            if S is not None:
+                r = x.shape[1] % cfg.pool[i]
+                buf = x.new_zeros(B, cfg.pool[i], x.shape[2])
+                buf[:, :r] = x[:, x.shape[1] - r:]
+                new[f"down{i}"] = buf
+            xs.append(down(x))
+        level = len(cfg.pool)
+        y = self._run_tier(level, xs[level], S, new)
+        for i in reversed(range(level)):  # up path
+            up = self.up[i]
+            prev = S[f"up{i}"] if S is not None else xs[i].new_zeros(B, cfg.pool[i], self.widths[i])
+            z = up.upsample(y, prev, xs[i].shape[1]) + xs[i]
+            if S is not None:
+                new[f"up{i}"] = (up.linear(y[:, -1]).reshape(B, cfg.pool[i], -1)
+                                 if y.shape[1] else prev)
+            y = self._run_tier(i, z, S, new)
+        logits = self.head(self.norm(y))
+        if state is None:
+            return logits, None
+        return logits, ModelState(state.t + tokens.shape[1], self._ordered(new))
+
+    def _run_tier(self, level: int, x: Tensor, S, new: dict) -> Tensor:
+        tier = self._tier(level)
+        if S is None:
+            return tier(x) if x.shape[1] else x
+        if not x.shape[1]:  # a chunk too short to reach this tier: its states carry over
+            for prefix, names_j in self._layer_names(level):
+                for n in names_j:
+                    new[f"{prefix}.{n}"] = S[f"{prefix}.{n}"]
+            return x
+        names = self._layer_names(level)
+        states = [tuple(S[f"{prefix}.{n}"] for n in names_j) for prefix, names_j in names]
+        y, states = tier.forward_with_state(x, states)
+        for (prefix, names_j), s in zip(names, states):
+            for n, t in zip(names_j, s):
+                new[f"{prefix}.{n}"] = t
+        return y
+
+    # --- recurrent ----------------------------------------------------------------------------------
+    def _layer_names(self, level: int) -> list[tuple[str, list[str]]]:
+        tag = "center" if level == len(self.cfg.pool) else f"tier{level}"
+        return [(f"{tag}.{j}", seq.layer.state_names())
+                for j, seq in enumerate(self._tier(level).seq)]
+
+    def _ordered(self, d: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: d[name] for name in self.state_names()}
+
+    def state_names(self) -> list[str]:
+        """Names of the state tensors in their fixed order (stable across runs and exports)."""
+        names = []
+        for level in reversed(range(len(self.cfg.pool) + 1)):
+            for prefix, ns in self._layer_names(level):
+                names += [f"{prefix}.{n}" for n in ns]
+        names += [f"down{i}" for i in range(len(self.cfg.pool))]
+        names += [f"up{i}" for i in range(len(self.cfg.pool))]
+        return names
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """The state before the first sample: zero layer states and zero pool buffers."""
+        p = self.head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        t: dict[str, Tensor] = {}
+        for level in range(len(self.cfg.pool) + 1):
+            for (prefix, names), seq in zip(self._layer_names(level), self._tier(level).seq):
+                for n, s in zip(names, seq.layer.initial_state(batch_size, device, dtype)):
+                    t[f"{prefix}.{n}"] = s
+        for i, pool in enumerate(self.cfg.pool):
+            t[f"down{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device, dtype=dtype)
+            t[f"up{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device, dtype=dtype)
+        return ModelState(0, self._ordered(t))
+
+    def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """One sample: token (B,) -> logits (B, 256) and the next state. Tier i (rate L / P_i) runs
+        when (t + 1) % P_i == 0; the up path reads its pooled piece before refreshing it."""
+        cfg, t, S = self.cfg, state.t, state.tensors
+        new = dict(S)
+        xs = [self.embedding(token)]
+        period = 1
+        for i, down in enumerate(self.down):  # which tiers run now, and their inputs
+            pos = (t // period) % cfg.pool[i]
+            buf = S[f"down{i}"].clone()
+            buf[:, pos] = xs[-1]
+            new[f"down{i}"] = buf
+            if pos != cfg.pool[i] - 1:
+                break
+            xs.append(down.linear(buf.reshape(buf.shape[0], -1)))
+            new[f"down{i}"] = torch.zeros_like(buf)  # frame used: empty, as after a parallel read
+            period *= cfg.pool[i]
+        top = len(xs) - 1  # the coarsest tier that runs at this step
+        level = len(cfg.pool)
+        y = self._step_tier(level, xs[level], S, new) if top == level else None
+        period = cfg.frame
+        for i in reversed(range(level)):
+            period //= cfg.pool[i]
+            if i > top:
+                continue
+            pos = (t // period) % cfg.pool[i]
+            piece = S[f"up{i}"][:, pos]
+            if y is not None:  # the coarser tier ran: refresh this pool's pieces for next frame
+                new[f"up{i}"] = self.up[i].linear(y).reshape(y.shape[0], cfg.pool[i], -1)
+            y = self._step_tier(i, piece + xs[i], S, new)
+        logits = self.head(self.norm(y))
+        return logits, ModelState(t + 1, new)
+
+    def _step_tier(self, level: int, x: Tensor, S: dict, new: dict) -> Tensor:
+        names = self._layer_names(level)
+        states = [tuple(S[f"{prefix}.{n}"] for n in ns) for prefix, ns in names]
+        y, states = self._tier(level).step(x, states)
+        for (prefix, ns), s in zip(names, states):
+            for n, v in zip(ns, s):
+                new[f"{prefix}.{n}"] = v
+        return y
+
+
+def build_model(cfg: ModelConfig) -> SaShiMi:
+    """A SaShiMi model for a resolved model config."""
+    return SaShiMi(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
