@@ -135,7 +135,7 @@ class DownPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[1] // self.pool
-        return self.linear(x[:, : n * self.pool].reshape(x.shape[0], n, -1))
+        return self.linear(x[:, : n * self.pool].reshape(x.shape[0], n, self.pool * x.shape[2]))
 
 
 class UpPool(nn.Module):

@@ -1,0 +1,104 @@
+"""Properties every sequence backend must have (parametrized over the built-ins).
+
+Backend-specific references (S4's dense powers, Mamba's Python-loop scan, gradchecks) live in
+tests/test_backend_<name>.py; this file checks the shared contract of base.SequenceBackend.
+"""
+
+import pytest
+import torch
+
+from ssmgen import backends
+from helpers import BACKENDS, perturb, require_backend, step_through
+
+H, B = 6, 2
+
+
+def make(name, dtype=torch.float32, seed=0):
+    require_backend(name)
+    torch.manual_seed(seed)
+    layer = backends.create(name, H, d_state=16)
+    return perturb(layer, seed=seed).to(dtype).eval()
+
+
+def test_registry_lists_builtins_through_entry_points():
+    from importlib.metadata import entry_points
+    names = {ep.name for ep in entry_points(group="ssmgen.backends")}
+    assert {"s4", "s4d", "mamba"} <= names
+    assert {"s4", "s4d", "mamba"} <= set(backends.available())
+
+
+def test_registry_accepts_a_plugin_and_rejects_unknown_names():
+    from ssmgen.backends.s4d import S4D
+    from ssmgen.errors import UserError
+
+    class Plugin(S4D):
+        pass
+
+    backends.register("plugin-test", Plugin)
+    assert isinstance(backends.create("plugin-test", 4, d_state=8), Plugin)
+    with pytest.raises(UserError, match="unknown backend 'nope'"):
+        backends.create("nope", 4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_parallel_equals_step_over_4096_samples(name):
+    layer = make(name)
+    x = torch.randn(B, 4100, H)
+    with torch.no_grad():
+        y = layer(x)
+        ys, _ = step_through(layer, x, layer.initial_state(B))
+    assert (y - ys).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_prefix_handoff_and_chunks(name):
+    layer = make(name, torch.float64)
+    x = torch.randn(B, 301, H, dtype=torch.float64)
+    with torch.no_grad():
+        y_full = layer(x)
+        y1, s1 = layer.forward_with_state(x[:, :123], layer.initial_state(B, dtype=torch.float64))
+        y2, s2 = layer.forward_with_state(x[:, 123:], s1)
+        ys, s_step = step_through(layer, x, layer.initial_state(B, dtype=torch.float64))
+        # prompt in parallel, then step: equals stepping from the start
+        y_tail, _ = step_through(layer, x[:, 123:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(y_tail, ys[:, 123:], atol=1e-9, rtol=1e-7)
+    for a, b in zip(s2, s_step):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    assert [s.dtype for s in s2] == [torch.float64] * len(s2)
+    assert len(layer.state_names()) == len(s2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_causal(name):
+    layer = make(name, torch.float64)  # float64: FFT rounding (1e-16) is far below any real leak
+    x = torch.randn(1, 96, H, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 50] += 1.0
+    with torch.no_grad():
+        d = (layer(x2) - layer(x)).abs().amax(-1)[0]
+    assert d[:50].max().item() < 1e-12
+    assert d[50].item() > 0
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_step_cache_is_never_stale(name):
+    layer = make(name)
+    x = torch.randn(B, H)
+    with torch.no_grad():
+        y0, _ = layer.step(x, layer.initial_state(B))
+        for p in layer.ssm_parameters() or list(layer.parameters()):
+            p.mul_(1.5)
+        y1, _ = layer.step(x, layer.initial_state(B))
+        fresh = backends.create(name, H, d_state=16)
+        fresh.load_state_dict(layer.state_dict())
+        y2, _ = fresh.eval().step(x, fresh.initial_state(B))
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, y2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_state_is_real_float_tensors(name):
+    layer = make(name)
+    for s in layer.initial_state(3):
+        assert s.dtype == torch.float32 and not s.is_complex() and s.shape[0] == 3

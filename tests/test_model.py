@@ -1,0 +1,89 @@
+"""The SaShiMi model: exact sizes, and the three modes agreeing for every backend."""
+
+import pytest
+import torch
+
+from ssmgen.config import load_config
+from ssmgen.model import SaShiMi, count_parameters
+from helpers import BACKENDS, perturb, require_backend
+
+
+@pytest.mark.parametrize("preset,expected", [("ablated", 1_289_600), ("sashimi", 4_072_448)])
+def test_paper_parameter_counts_with_s4(preset, expected):
+    require_backend("s4")
+    assert count_parameters(SaShiMi(load_config(preset, backend="s4").model)) == expected
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("preset", ["tiny", "ablated", "sashimi"])
+def test_every_preset_builds_with_every_backend(preset, name):
+    require_backend(name)
+    model = SaShiMi(load_config(preset, backend=name).model)
+    logits = model(torch.randint(0, 256, (1, 32)))
+    assert logits.shape == (1, 32, 256) and torch.isfinite(logits).all()
+
+
+def tiny(name, dtype=torch.float32):
+    require_backend(name)
+    torch.manual_seed(0)
+    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2"]).model
+    return perturb(SaShiMi(cfg), scale=0.05).to(dtype).eval()
+
+
+def step_all(model, tokens, state):
+    out = []
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        out.append(logits)
+    return torch.stack(out, 1), state
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("length", [16 * 3 + 7, 16 * 4 + 2])  # > 2 periods, not multiples of 4
+def test_parallel_equals_step(name, length):
+    model = tiny(name)
+    tokens = torch.randint(0, 256, (2, length))
+    with torch.no_grad():
+        parallel = model(tokens)
+        stepped, _ = step_all(model, tokens, model.initial_state(2))
+    assert (parallel - stepped).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_prompt_read_in_parallel_then_step_equals_stepping(name):
+    model = tiny(name)
+    tokens = torch.randint(0, 256, (2, 16 * 4 + 5))
+    with torch.no_grad():
+        ref, ref_state = step_all(model, tokens, model.initial_state(2))
+        for cut in (37, 48, 3):  # odd, frame-aligned, shorter than a frame
+            head, state = model.forward_with_state(tokens[:, :cut], model.initial_state(2))
+            tail, state = step_all(model, tokens[:, cut:], state)
+            assert (torch.cat([head, tail], 1) - ref).abs().max().item() <= 1e-4
+            assert state.t == ref_state.t and state.names() == ref_state.names()
+            for k in ref_state.tensors:
+                assert (state.tensors[k] - ref_state.tensors[k]).abs().max().item() <= 1e-4, k
+        # two parallel chunks with the carried state, the second starting off a frame boundary
+        a, s = model.forward_with_state(tokens[:, :21], model.initial_state(2))
+        b, s = model.forward_with_state(tokens[:, 21:], s)
+        assert (torch.cat([a, b], 1) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("t", [3, 4, 15, 16, 31])
+def test_causal_at_frame_boundaries(name, t):
+    model = tiny(name, torch.float64)
+    tokens = torch.randint(0, 256, (1, 48))
+    changed = tokens.clone()
+    changed[0, t] = (changed[0, t] + 77) % 256
+    with torch.no_grad():
+        d = (model(changed) - model(tokens)).abs().amax(-1)[0]
+    assert d[:t].max().item() < 1e-10 if t else True
+    assert d[t].item() > 0
+
+
+def test_state_names_are_stable_and_complete():
+    model = tiny("s4d")
+    state = model.initial_state(3)
+    assert state.names() == model.state_names()
+    assert {"down0", "down1", "up0", "up1", "center.0.re", "tier0.1.im"} <= set(state.names())
+    assert all(v.shape[0] == 3 and not v.is_complex() for v in state.tensors.values())
