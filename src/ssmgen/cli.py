@@ -52,8 +52,10 @@ def _setup_logging(quiet: bool = False) -> None:
     log.propagate = False
 
 
-def command(fn: Callable) -> Callable:
+def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     """Register `fn` as a command and map what it raises to one line and an exit code."""
+    if fn is None:
+        return lambda f: command(f, name=name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -77,7 +79,7 @@ def command(fn: Callable) -> Callable:
                           markup=False)
             raise typer.Exit(1)
 
-    return app.command()(wrapper)
+    return app.command(name=name)(wrapper)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def prep(
     force: bool = typer.Option(False, help="Rebuild from scratch, reusing nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
-    """Turn a folder of audio into a dataset: 16 kHz mono 8-bit tokens, split by source file."""
+    """Turn a folder of audio into a dataset (16 kHz mono 8-bit, split by file)."""
     from ssmgen.prep import prepare
 
     manifest = prepare(src, out_dir, rate=rate, encoding=encoding, bits=bits,
@@ -150,12 +152,142 @@ def _fmt(v, spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# presets, train, eval
+# ------------------------------------------------------------------------------------------------
+
+@command
+def presets() -> None:
+    """List the presets with their parameter counts per backend."""
+    from ssmgen import backends
+    from ssmgen.config import load_config, preset_names
+    from ssmgen.model import SaShiMi, count_parameters
+
+    names = backends.available()
+    table = Table(show_edge=False)
+    table.add_column("preset")
+    for b in names:
+        table.add_column(f"params ({b})", justify="right")
+    table.add_column("shape")
+    for p in preset_names():
+        counts = []
+        for b in names:
+            try:
+                counts.append(f"{count_parameters(SaShiMi(load_config(p, backend=b).model)):,}")
+            except Exception as e:  # a broken plug-in must not hide the other rows
+                counts.append(f"({type(e).__name__})")
+        m = load_config(p).model
+        table.add_row(p, *counts, f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}")
+    out.print(table)
+
+
+@command
+def train(
+    data: Path = typer.Argument(..., help="Dataset folder made by `ssmgen prep`."),
+    preset: str = typer.Option("ablated", help="Preset name (see `ssmgen presets`) or a YAML path."),
+    backend: Optional[str] = typer.Option(None, help="Sequence backend: s4, s4d or mamba."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value "
+                                                     "(repeatable), e.g. train.lr=1e-3."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder "
+                                           "(default runs/PRESET-BACKEND-TIME)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per step (global batch)."),
+    sample_len: Optional[int] = typer.Option(None, help="Samples per crop (multiple of 16)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (SSM parameters: train.ssm_lr)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a SaShiMi model on a prepared dataset."""
+    from ssmgen.config import load_config
+    from ssmgen.train import train as run_training
+
+    overrides = list(set_)
+    for key, value in (("batch_size", batch_size), ("sample_len", sample_len), ("lr", lr),
+                       ("device", device), ("seed", seed), ("max_steps", max_steps),
+                       ("max_minutes", max_minutes)):
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    if resume and out_dir is None:
+        raise UserError("--resume needs --out RUN_FOLDER")
+    cfg = load_config(preset, backend=backend, overrides=overrides)
+    result = run_training(data, cfg, out_dir, resume=resume, progress=not quiet)
+    out.print(f"trained {result['steps']} steps ({result['stopped']}); best val bpb "
+              f"{result['best_bpb']:.4f}; run folder {result['run']}", highlight=False)
+
+
+@command(name="eval")
+def eval_(
+    model: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    split: str = typer.Option("test", help="test, val or train."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it "
+                                                   "trained on)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    max_samples: Optional[int] = typer.Option(None, help="Evaluate only this many samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Bits per byte and top-1/3/5/10 accuracy of a model on a split."""
+    from ssmgen.evaluate import evaluate
+
+    r = evaluate(model, split, data=data, device=device, max_samples=max_samples,
+                 progress=not (quiet or as_json))
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    out.print(f"{r['split']}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
+              f"accuracy top-1 {r['acc1']:.1%}, top-3 {r['acc3']:.1%}, top-5 {r['acc5']:.1%}, "
+              f"top-10 {r['acc10']:.1%}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# continue
+# ------------------------------------------------------------------------------------------------
+
+@command(name="continue")
+def continue_(
+    song: Path = typer.Argument(..., help="Any audio file: the prompt."),
+    model: Path = typer.Option(..., "--model", "-m", help="Run folder or checkpoint file."),
+    seconds: float = typer.Option(10.0, help="Seconds of new audio."),
+    temp: float = typer.Option(0.8, help="Sampling temperature (0: always the likeliest)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep this much probability."),
+    top_k: int = typer.Option(0, help="Keep the k likeliest tokens (0: all)."),
+    seed: int = typer.Option(0, help="Same seed, same audio."),
+    num: int = typer.Option(1, help="Variations, generated together as one batch."),
+    prompt_seconds: float = typer.Option(8.0, help="Seconds of the song the model hears."),
+    at: Optional[float] = typer.Option(None, help="Continue from this time in seconds "
+                                                  "(default: the end)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output WAV "
+                                            "(default SONG-continued.wav)."),
+    only_new: bool = typer.Option(False, help="Write only the new audio."),
+    join: bool = typer.Option(False, help="Original song up to --at, then the continuation, "
+                                          "at the song's rate and channels."),
+    force: bool = typer.Option(False, help="Overwrite existing outputs."),
+    engine: str = typer.Option("auto", help="auto, torch, cpu-fast or cuda-graph."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Continue any song with a trained model."""
+    from ssmgen.generate.continuation import continue_song
+
+    r = continue_song(song, model, seconds=seconds, temperature=temp, top_k=top_k, top_p=top_p,
+                      seed=seed, num=num, prompt_seconds=prompt_seconds, at=at, out=out_path,
+                      only_new=only_new, join=join, force=force, engine=engine, device=device,
+                      progress=not quiet)
+    for path in r["outputs"]:
+        out.print(f"wrote {path} (+ {Path(path).with_suffix('.json').name})", highlight=False)
+    out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in {r['elapsed_s']:.1f} s "
+              f"({r['real_time_factor']:.2f}x real time, engine {r['engine']})", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # doctor
 # ------------------------------------------------------------------------------------------------
 
 @command
 def doctor() -> None:
-    """Print versions and what is available here: device, backends, engines, optional extras."""
+    """Show versions, device, backends, engines and optional extras."""
     from ssmgen.doctor import report
 
     for key, value in report().items():

@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically, loaded with `torch.load(weights_only=True)` (plain data only).
+
+A checkpoint holds everything `eval` and `continue` need, so nothing else has to travel with it:
+weights, the full resolved config, the data format (rate, encoding, normalization) and, for
+`--resume`, the optimizer, schedule, step and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssmgen.errors import UserError
+
+FORMAT = "ssmgen-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` (plain data and tensors) to `path` atomically: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file from a checkpoint path or a run folder (its best, else last, checkpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / "checkpoints" / name).is_file():
+                return p / "checkpoints" / name
+            if (p / name).is_file():
+                return p / name
+        raise UserError(f"{p}: no checkpoint in this folder (expected checkpoints/best.pt)")
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint or run folder")
+    return p
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check an ssmgen checkpoint (a file or a run folder). Never executes code from it."""
+    p = resolve(path)
+    try:
+        data = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt, truncated, foreign pickle: all one line for the user
+        raise UserError(f"{p}: not a readable ssmgen checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{p}: not an ssmgen checkpoint")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{p}: written by a newer ssmgen (format {data['format_version']}); "
+                        "upgrade ssmgen")
+    data["path"] = str(p)
+    return data
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, checkpoint dict) from a checkpoint file or run folder."""
+    from ssmgen.config import Config
+    from ssmgen.model import SaShiMi
+
+    ckpt = load_checkpoint(path)
+    cfg = Config.from_dict(ckpt["config"], source=ckpt["path"])
+    model = SaShiMi(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{ckpt['path']}: weights do not match its config "
+                        f"({' '.join(str(e).split())[:160]})") from None
+    return model.to(device).eval(), ckpt

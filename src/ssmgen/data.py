@@ -1,0 +1,138 @@
+"""Reading a prepared dataset: the manifest, memory-mapped token splits, random training crops and
+full-length evaluation chunks.
+
+Alignment, shared by training and evaluation: a chunk's inputs are its tokens shifted right by one,
+with the silence token 128 as the first input; targets are the tokens themselves. Crops never span
+two source files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ssmgen.errors import UserError
+
+SILENCE_TOKEN = 128
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of one source file's tokens inside a split array."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class Dataset:
+    """A folder written by `ssmgen prep`: `manifest.json` and one uint8 `.npy` array per split."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such dataset folder (make one with `ssmgen prep`)")
+        if not manifest_path.is_file():
+            raise UserError(f"{self.root}: not an ssmgen dataset (no manifest.json; "
+                            "make one with `ssmgen prep`)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{manifest_path}: unreadable manifest ({e})") from None
+        if self.manifest.get("format") != "ssmgen-dataset":
+            raise UserError(f"{manifest_path}: not an ssmgen dataset manifest")
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @property
+    def rate(self) -> int:
+        return int(self.manifest["rate"])
+
+    def data_format(self) -> dict:
+        """What a checkpoint must remember to read and write audio as this dataset did."""
+        m = self.manifest
+        return {"rate": int(m["rate"]), "encoding": m["encoding"], "bits": int(m["bits"]),
+                "normalization": m["normalization"]}
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's tokens, memory-mapped (uint8, 1-D)."""
+        if split not in SPLITS:
+            raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+        if split not in self._arrays:
+            path = self.root / self.manifest["splits"][split]["file"]
+            try:
+                self._arrays[split] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read split '{split}' ({e})") from None
+        return self._arrays[split]
+
+    def segments(self, split: str) -> list[Segment]:
+        """Each source file's run of tokens within the split (by-time splits give one per part)."""
+        out = []
+        for f in self.manifest["files"]:
+            for seg in f.get("segments") or [f]:
+                if seg.get("split") == split and seg.get("length", 0) > 0:
+                    out.append(Segment(f["path"], int(seg["offset"]), int(seg["length"])))
+        return sorted(out, key=lambda s: s.offset)
+
+    # --- training -------------------------------------------------------------------------------
+    def check_trainable(self, sample_len: int) -> None:
+        """Raise UserError now if training crops of `sample_len` cannot be drawn."""
+        segs = self.segments("train")
+        if not segs:
+            raise UserError(f"{self.root}: the train split is empty")
+        longest = max(s.length for s in segs)
+        if longest < sample_len:
+            raise UserError(f"{self.root}: no training file is as long as one training chunk "
+                            f"({sample_len} samples = {sample_len / self.rate:.2f} s; longest "
+                            f"{longest / self.rate:.2f} s): lower --sample-len")
+
+    def random_crops(self, batch: int, length: int, rng: np.random.Generator,
+                     split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets), each int64 (batch, length): crops drawn uniformly over all positions
+        where a whole crop fits inside one file."""
+        segs = [s for s in self.segments(split) if s.length >= length]
+        if not segs:
+            raise UserError(f"{self.root}: no {split} file holds {length} samples")
+        starts = np.array([s.length - length + 1 for s in segs], dtype=np.float64)
+        which = rng.choice(len(segs), size=batch, p=starts / starts.sum())
+        tokens = self.tokens(split)
+        targets = np.empty((batch, length), dtype=np.int64)
+        for b, i in enumerate(which):
+            off = segs[i].offset + int(rng.integers(0, segs[i].length - length + 1))
+            targets[b] = tokens[off:off + length]
+        return shift_inputs(targets), targets
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def eval_chunks(self, split: str, length: int,
+                    max_samples: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every position of the split once, as (inputs, targets) int64 (1, n) chunks of `length`
+        (the last chunk of each file shorter), aligned exactly as training crops are."""
+        tokens = self.tokens(split)
+        seen = 0
+        for seg in self.segments(split):
+            for start in range(0, seg.length, length):
+                n = min(length, seg.length - start)
+                if max_samples is not None:
+                    n = min(n, max_samples - seen)
+                if n <= 0:
+                    return
+                t = np.asarray(tokens[seg.offset + start: seg.offset + start + n], dtype=np.int64)
+                seen += n
+                yield shift_inputs(t[None]), t[None]
+
+    def split_samples(self, split: str) -> int:
+        return sum(s.length for s in self.segments(split))
+
+
+def shift_inputs(targets: np.ndarray) -> np.ndarray:
+    """Inputs for next-token prediction: targets shifted right by one, silence (128) first."""
+    inputs = np.empty_like(targets)
+    inputs[..., 0] = SILENCE_TOKEN
+    inputs[..., 1:] = targets[..., :-1]
+    return inputs

@@ -1,0 +1,161 @@
+"""`continue_song()`: any audio file as the prompt, read in parallel, continued by an engine.
+
+The prompt is prepared exactly as training data was (`ssmgen.audio`: mono, the model's rate, the
+dataset's normalization policy applied with the whole song's peak, the dataset's encoding), read
+in one parallel pass (`model.forward_with_state`), and continued sample by sample by an engine
+(`engines.py`). Outputs are written atomically with a JSON sidecar that makes them reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ssmgen.audio import (atomic_write_text, decode, encode, load_mono, normalization_gain,
+                          resample, write_wav)
+from ssmgen.data import shift_inputs
+from ssmgen.errors import UserError
+
+
+@torch.no_grad()
+def read_prompt(model, prompt: np.ndarray, num: int):
+    """State after reading `prompt` (T,) int64 in parallel, for `num` rows, and the token to feed
+    next. The model's input at each step is the previous sample (silence before the first)."""
+    device = next(model.parameters()).device
+    state = model.initial_state(num, device=device)
+    if len(prompt) == 0:
+        return state, np.full(num, 128, dtype=np.int64)
+    inputs = torch.from_numpy(shift_inputs(prompt[None])).to(device).expand(num, -1)
+    _, state = model.forward_with_state(inputs.contiguous(), state)
+    return state, np.full(num, int(prompt[-1]), dtype=np.int64)
+
+
+def continue_tokens(model, prompt: np.ndarray, n_new: int, *, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, num: int | None = None,
+                    engine: str = "auto",
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Continue token prompts: `prompt` (1 or num, T) int64 -> (num, n_new) uint8 new tokens."""
+    from ssmgen.generate.sampling import Sampler
+
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim == 2:
+        prompt = prompt[0]
+    num = num or 1
+    return _generate(model, prompt, n_new, Sampler(temperature=temperature, top_k=top_k,
+                                                   top_p=top_p, seed=seed, batch_size=num),
+                     engine, num, progress)[0]
+
+
+def _generate(model, prompt: np.ndarray, n_new: int, sampler, engine: str, num: int,
+              progress) -> tuple[np.ndarray, str]:
+    from ssmgen.generate.engines import create_engine
+
+    model.eval()
+    state, first = read_prompt(model, prompt, num)
+    eng = create_engine(engine, model, num)
+    tokens, _ = eng.generate(state, first, n_new, sampler, progress=progress)
+    return tokens, eng.name
+
+
+def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 10.0,
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  num: int = 1, prompt_seconds: float = 8.0, at: float | None = None,
+                  out: str | Path | None = None, only_new: bool = False, join: bool = False,
+                  force: bool = False, engine: str = "auto", device: str = "cpu",
+                  progress: bool = True) -> dict[str, Any]:
+    """Continue `song` by `seconds` of new audio with the model in `checkpoint`; write WAV(s) and
+    JSON sidecar(s). Returns a summary with the output paths, speed and settings."""
+    from ssmgen.checkpoint import load_model
+    from ssmgen.generate.sampling import Sampler
+    from ssmgen.progress import progress_bar
+    from ssmgen.train import resolve_device
+
+    _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join)
+    song = Path(song)
+    model, ckpt = load_model(checkpoint, resolve_device(device))
+    fmt = ckpt["data_format"]
+    rate = int(fmt["rate"])
+    audio, info = load_mono(song, rate)
+    gain = normalization_gain(float(np.max(np.abs(audio))), fmt["normalization"])
+    end = len(audio) if at is None else int(round(at * rate))
+    if end > len(audio):
+        raise UserError(f"{song}: --at {at} s is past the end of the song ({len(audio) / rate:.2f} s)")
+    start = max(0, end - int(round(prompt_seconds * rate)))
+    prompt = encode(audio[start:end] * gain, fmt["encoding"]).astype(np.int64)
+    outputs = _output_paths(song, out, num, force)
+    n_new = int(round(seconds * rate))
+
+    t0 = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task("continuing", total=n_new, unit="samples", rate=rate)
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          batch_size=num)
+        new, engine_name = _generate(model, prompt, n_new, sampler, engine, num,
+                                     lambda k: bar.update(task, advance=k))
+    elapsed = time.perf_counter() - t0
+    seeds = sampler.seeds
+    prompt_audio = decode(prompt.astype(np.uint8), fmt["encoding"])
+    results = []
+    for b, path in enumerate(outputs):
+        cont = decode(new[b], fmt["encoding"])
+        if join:
+            original, orig_rate = sf.read(str(song), dtype="float32", always_2d=True)
+            head = original[: int(round(end / rate * orig_rate))]
+            tail = resample(cont / gain, rate, orig_rate)
+            tail = np.repeat(tail[:, None], original.shape[1], axis=1)
+            write_wav(path, np.concatenate([head, tail]), orig_rate, overwrite=force)
+        else:
+            write_wav(path, cont if only_new else np.concatenate([prompt_audio, cont]), rate,
+                      overwrite=force)
+        sidecar = {"output": str(path), "checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
+                   "song": str(song.resolve()), "prompt_start_s": start / rate,
+                   "prompt_end_s": end / rate, "seconds": seconds, "temperature": temperature,
+                   "top_k": top_k, "top_p": top_p, "seed": seed, "variation": b,
+                   "variation_seed": int(seeds[b]), "num": num, "engine": engine_name,
+                   "only_new": only_new, "join": join, "rate": rate, "data_format": fmt,
+                   "gain": gain}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+        results.append(sidecar)
+    return {"outputs": [str(p) for p in outputs], "engine": engine_name, "seconds_new": seconds,
+            "elapsed_s": elapsed, "real_time_factor": num * seconds / elapsed if elapsed else 0.0,
+            "prompt_seconds": (end - start) / rate, "variations": results}
+
+
+def _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new,
+                    join) -> None:
+    if seconds <= 0:
+        raise UserError(f"--seconds {seconds}: must be positive")
+    if temperature < 0:
+        raise UserError(f"--temp {temperature}: must be >= 0")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if top_k < 0 or top_k > 256:
+        raise UserError(f"--top-k {top_k}: must be in 0..256 (0: off)")
+    if num < 1:
+        raise UserError(f"--num {num}: must be at least 1")
+    if prompt_seconds < 0:
+        raise UserError(f"--prompt-seconds {prompt_seconds}: must be >= 0")
+    if at is not None and at < 0:
+        raise UserError(f"--at {at}: must be >= 0")
+    if only_new and join:
+        raise UserError("--only-new and --join exclude each other")
+
+
+def _output_paths(song: Path, out: str | Path | None, num: int, force: bool) -> list[Path]:
+    base = Path(out) if out else Path(f"{song.stem}-continued.wav")
+    if base.suffix.lower() != ".wav":
+        raise UserError(f"{base}: the output must be a .wav file")
+    paths = [base] if num == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix}")
+                                     for i in range(num)]
+    for p in paths:
+        if p.exists() and not force:
+            raise UserError(f"{p}: already exists (use --force to overwrite)")
+        if not p.parent.exists():
+            raise UserError(f"{p.parent}: no such folder for the output")
+    return paths
