@@ -314,10 +314,11 @@ def _sync_schedule(schedule: Schedule) -> None:
 def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device) -> None:
     """A short continuation of a fixed validation prompt, and the refreshed listening page."""
     from ssmgen.report import write_listening_sample, write_index
-    try:
-        write_listening_sample(run, model, dataset, cfg, step, device)
-    except UserError as e:
-        log.warning("no listening sample at step %d: %s", step, e)
+    if cfg.train.sample_seconds > 0:  # 0 turns listening samples off
+        try:
+            write_listening_sample(run, model, dataset, cfg, step, device)
+        except UserError as e:
+            log.warning("no listening sample at step %d: %s", step, e)
     write_index(run)
 
 

@@ -1,0 +1,177 @@
+"""Training end to end through the real command: checkpoints, exact resume after SIGKILL, Ctrl-C,
+divergence, preflight errors, DDP with 2 gloo processes, the listening page in a real browser."""
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmgen.checkpoint import load_checkpoint
+from ssmgen.config import load_config
+from ssmgen.train import TrainingDiverged, train
+from helpers import make_dataset
+
+FAST = ["--preset", "tiny", "--backend", "s4d", "--batch-size", "2", "--sample-len", "1024",
+        "--set", "train.val_max_samples=4096", "--set", "train.sample_seconds=0", "--quiet"]
+
+
+def ssmgen(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def weights(run):
+    return load_checkpoint(Path(run) / "checkpoints" / "last.pt")
+
+
+def test_train_writes_checkpoints_metrics_and_eval_reads_them(data, tmp_path):
+    run = tmp_path / "run"
+    r = ssmgen("train", data, *FAST, "--max-steps", 20, "--set", "train.val_every=10", "--out", run)
+    assert r.returncode == 0, r.stderr
+    ckpt = weights(run)
+    assert ckpt["step"] == 20 and ckpt["data_format"]["encoding"] == "mulaw"
+    assert ckpt["config"]["model"]["backend"] == "s4d" and (run / "checkpoints" / "best.pt").exists()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    assert float(rows[-1]["val_bpb"]) < 8.0  # learned something beyond uniform
+    r = ssmgen("eval", run, "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    result = json.loads(r.stdout)
+    assert 0 < result["bpb"] < 8 and result["samples"] == 32000
+    assert 0 <= result["acc1"] <= result["acc3"] <= result["acc5"] <= result["acc10"] <= 1
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
+    args = [*FAST, "--max-steps", 60, "--set", "train.val_every=4", "--seed", 3]
+    ref = tmp_path / "ref"
+    assert ssmgen("train", data, *args, "--out", ref).returncode == 0
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "ssmgen", "train", str(data), *map(str, args),
+                          "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.37)  # somewhere in the middle of later steps (and maybe of a checkpoint write)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = weights(run)["step"]
+    assert 0 < killed_at < 60
+    r = ssmgen("train", data, "--resume", "--out", run, "--max-steps", 60, "--quiet")
+    assert r.returncode == 0, r.stderr
+    a, b = weights(ref), weights(run)
+    assert b["step"] == 60
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert steps == list(range(4, 61, 4))  # rows after the checkpoint were redone, not doubled
+
+
+def test_ctrl_c_saves_and_exits_130(data, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "ssmgen", "train", str(data), *FAST,
+                          "--max-steps", "100000", "--set", "train.val_every=5", "--out", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert weights(run)["step"] % 5 != 0 or weights(run)["step"] > 5  # saved at the stop
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    cfg = load_config("tiny", backend="s4d", overrides=[
+        "train.lr=1e30", "train.ssm_lr=1e30", "train.grad_clip=0", "train.val_every=1",
+        "train.max_steps=50", "train.batch_size=2", "train.sample_len=512",
+        "train.sample_seconds=0", "train.val_max_samples=1024", "train.warmup_steps=0"])
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        train(data, cfg, tmp_path / "run", progress=False)
+    ckpt = weights(tmp_path / "run")
+    assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/ds", "--max-steps", "1"], "no such dataset folder"),
+    (["DATA", "--sample-len", "64000", "--max-steps", "1"],
+     "no training file is as long as one training chunk"),
+    (["DATA", "--device", "cuda", "--max-steps", "1"], "no CUDA device"),
+    (["DATA", "--set", "model.d_modle=3", "--max-steps", "1"], "unknown key 'd_modle'"),
+    (["DATA"], "--max-steps or --max-minutes"),
+    (["DATA", "--sample-len", "1024", "--batch-size", "100000000", "--max-steps", "1"],
+     "not enough memory"),
+])
+def test_preflight_errors_are_one_line(data, tmp_path, args, message):
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("a CUDA device is present")
+    args = [str(data) if a == "DATA" else a for a in args]
+    r = ssmgen("train", *args, "--preset", "tiny", "--quiet", "--out", tmp_path / "r")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_two_gloo_processes_match_one_process(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*FAST, "--batch-size", "4", "--max-steps", "3", "--set", "train.val_every=3"]
+    one = ssmgen("train", data, *args, "--out", tmp_path / "one", env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "ssmgen", "train", str(data), *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4)
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_listening_page_in_a_real_headless_browser(data, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium here (.ci/run installs it)")
+    run = tmp_path / "run"
+    r = ssmgen("train", data, "--preset", "tiny", "--backend", "s4d", "--batch-size", "2",
+               "--sample-len", "1024", "--max-steps", "4", "--set", "train.val_every=2",
+               "--set", "train.sample_seconds=0.05", "--set", "train.prompt_seconds=0.05",
+               "--set", "train.val_max_samples=2048", "--quiet", "--out", run)
+    assert r.returncode == 0, r.stderr
+    profile = tmp_path / "profile"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--disable-background-networking", "--disable-component-update",
+                          "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
+                          "--dump-dom", (run / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<svg" in dom.stdout and 'id="samples"' in dom.stdout
+    sources = re.findall(r'<audio[^>]*src="([^"]+)"', dom.stdout)
+    assert len(sources) == 2
+    for src in sources:
+        wav = run / src
+        assert wav.is_file() and wav.stat().st_size > 1000
