@@ -9,6 +9,10 @@ import torch
 
 BACKENDS = ["s4", "s4d", "mamba"]
 
+# The suite runs as 2 pytest-xdist workers on 2 cores: one intra-op thread each. (More threads
+# than cores make every tiny op in a step wait milliseconds for a busy thread pool.)
+torch.set_num_threads(1)
+
 
 def require_backend(name: str) -> None:
     """Skip (not fail) while a backend's module is absent from this tree."""
@@ -71,3 +75,33 @@ def make_dataset(root, files=(("train", 3), ("val", 1), ("test", 1)), seconds: f
                 "files": entries, "skipped": [], "warnings": []}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def make_checkpoint(path, backend: str = "s4d", preset: str = "tiny", seed: int = 0,
+                    rate: int = 16000, scale: float = 0.05):
+    """A checkpoint file as `ssmgen train` writes it, with perturbed (untrained) weights."""
+    from ssmgen.checkpoint import save_checkpoint
+    from ssmgen.config import load_config
+    from ssmgen.model import SaShiMi
+
+    require_backend(backend)
+    cfg = load_config(preset, backend=backend)
+    torch.manual_seed(seed)
+    model = perturb(SaShiMi(cfg.model), scale=scale, seed=seed)
+    fmt = {"rate": rate, "encoding": "mulaw", "bits": 8, "normalization": "peak"}
+    return save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(),
+                                  "data_format": fmt, "step": 0, "dataset": ""})
+
+
+def write_tone(path, seconds: float = 1.0, rate: int = 44100, channels: int = 2,
+               subtype: str = "PCM_16", freq: float = 330.0, level: float = 0.3):
+    """A short harmonic tone with a little noise, as a sound file."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    x = level * (np.sin(2 * np.pi * freq * t) + 0.3 * np.sin(2 * np.pi * 2 * freq * t))
+    x = x + 0.01 * np.random.default_rng(0).standard_normal(len(t))
+    data = np.stack([x * (1 - 0.2 * c) for c in range(channels)], axis=1)
+    sf.write(str(path), data, rate, subtype=subtype)
+    return path

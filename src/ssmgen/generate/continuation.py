@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,10 +58,23 @@ def _generate(model, prompt: np.ndarray, n_new: int, sampler, engine: str, num: 
     from ssmgen.generate.engines import create_engine
 
     model.eval()
-    state, first = read_prompt(model, prompt, num)
+    state, first = read_prompt(model, prompt, num)  # parallel: uses every thread
     eng = create_engine(engine, model, num)
-    tokens, _ = eng.generate(state, first, n_new, sampler, progress=progress)
+    with single_thread():
+        tokens, _ = eng.generate(state, first, n_new, sampler, progress=progress)
     return tokens, eng.name
+
+
+@contextmanager
+def single_thread():
+    """Per-sample work is hundreds of tiny ops: waking a thread pool for each costs more than the
+    op (milliseconds each on a busy machine), so stepping runs on one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 10.0,
