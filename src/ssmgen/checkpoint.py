@@ -84,3 +84,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"{ckpt['path']}: weights do not match its config "
                         f"({' '.join(str(e).split())[:160]})") from None
     return model.to(device).eval(), ckpt
+
+
+def slim_checkpoint(src: str | Path, dst: str | Path, note: str = "") -> Path:
+    """A copy of a checkpoint with only what `eval`, `continue` and `export` need (weights, config,
+    data format, step, validation metrics): no optimizer or schedule, so it cannot be resumed but is
+    a third of the size. `note` records how it was made (e.g. the training command)."""
+    ckpt = load_checkpoint(src)
+    keep = {k: ckpt[k] for k in ("model", "config", "data_format", "step", "val", "parameters",
+                                 "seconds", "best_bpb") if k in ckpt}
+    keep["note"] = note
+    keep["dataset"] = ""
+    return save_checkpoint(dst, keep)
