@@ -143,8 +143,7 @@ def _print_prep_summary(manifest: dict, out_dir: Path) -> None:
     if reasons:
         line += "; skipped " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items()))
     out.print(line, highlight=False)
-    for w in manifest.get("warnings", []):
-        err.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+    # manifest["warnings"] were already shown: prep logs each one as it finds it
 
 
 def _fmt(v, spec: str) -> str:

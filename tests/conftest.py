@@ -1,0 +1,31 @@
+"""Shared fixtures: synthesized audio (fast, nothing to ship)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def synth(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, amp: float = 0.5,
+          noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """A sine of `freq` Hz (plus optional white noise), shape (frames,) or (frames, channels);
+    channel c is scaled by 1 / (c + 1) so that a downmix is not any single channel."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    x = amp * np.sin(2 * np.pi * freq * t)
+    if noise:
+        x = x + noise * np.random.default_rng(seed).standard_normal(len(t))
+    if channels == 1:
+        return x.astype(np.float32)
+    return np.stack([x / (c + 1) for c in range(channels)], axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def write_audio():
+    """write_audio(path, seconds, rate, freq=440, channels=1, fmt=None, subtype=None, **synth)"""
+    def write(path, seconds, rate, freq=440.0, channels=1, fmt=None, subtype=None, **kw):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        x = synth(seconds, rate, freq, channels, **kw)
+        sf.write(str(path), x, rate, format=fmt, subtype=subtype)
+        return path
+    return write
