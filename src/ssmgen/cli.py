@@ -281,6 +281,31 @@ def continue_(
 
 
 # ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+
+@command
+def export(
+    model: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+    opset: int = typer.Option(20, help="ONNX opset (9..20)."),
+    block: bool = typer.Option(True, "--block/--single", help="16-sample block graph with "
+                               "sampling (default), or the single-sample step with logits."),
+    prompt_graph: bool = typer.Option(False, "--prompt-graph", help="Also a parallel prompt "
+                                      "graph (not supported: prompts go through the block graph)."),
+    verify_steps: int = typer.Option(2048, help="Steps to compare onnxruntime with torch."),
+) -> None:
+    """Export the model's recurrent step to ONNX, verified against torch."""
+    from ssmgen.export import export_onnx
+
+    r = export_onnx(model, out_path, opset=opset, block=block, prompt_graph=prompt_graph,
+                    verify_steps=verify_steps)
+    out.print(f"wrote {r['path']} ({r['graph']} graph, backend {r['backend']}, opset {r['opset']}, "
+              f"{r['size_bytes'] / 1e6:.2f} MB); verified {r['steps_verified']} steps: max logit "
+              f"difference {r['max_logit_diff']:.1e}, identical tokens", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # doctor
 # ------------------------------------------------------------------------------------------------
 

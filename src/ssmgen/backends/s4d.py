@@ -139,12 +139,33 @@ class S4D(SequenceBackend):
     def state_names(self) -> list[str]:
         return ["re", "im"]
 
+    def step_real(self) -> tuple[Tensor, ...]:
+        """`prepare_step()` as real tensors (dA_re, dA_im, dB_re, dB_im, C_re, C_im, D), each
+        (H, N/2) but D (H,), for the real-arithmetic `step` (exportable: ONNX has no complex).
+        Cached like `step_cache()`: recomputed whenever a parameter changed."""
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._real_parts(self.prepare_step())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key != getattr(self, "_real_key", None):
+            self._real_value = self._real_parts(self.step_cache())
+            self._real_key = key
+        return self._real_value
+
+    def _real_parts(self, prepared) -> tuple[Tensor, ...]:
+        dA, dB, C = prepared
+        return (dA.real.contiguous(), dA.imag.contiguous(), dB.real.contiguous(),
+                dB.imag.contiguous(), C.real.contiguous(), C.imag.contiguous(), self.D)
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        dA, dB, C = self.step_cache()
-        s = torch.complex(*state)
-        s = dA * s + dB * x.unsqueeze(-1)
-        y = 2 * (C * s).real.sum(-1) + self.D * x
-        return y, (s.real.contiguous(), s.imag.contiguous())
+        # Complex arithmetic written out in real ops: s' = dA s + dB x, y = 2 Re(C s') + D x.
+        ar, ai, br, bi, cr, ci, D = self.step_real()
+        sr, si = state
+        u = x.unsqueeze(-1)
+        nr = ar * sr - ai * si + br * u
+        ni = ar * si + ai * sr + bi * u
+        y = 2 * (cr * nr - ci * ni).sum(-1) + D * x
+        return y, (nr, ni)
 
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         u = x.transpose(1, 2)  # (B, H, L)

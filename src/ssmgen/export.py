@@ -1,0 +1,466 @@
+"""`export_onnx()`: the model's recurrent step as an ONNX graph, verified against torch.
+
+Two graphs (one per file):
+
+- **block** (default): one frame of 16 samples from frame phase 0 (every tier's schedule is fixed
+  within a frame), sampling included. Inputs: ``token`` (B,) int64, the input of the frame's first
+  step; ``noise`` (16, B, 256) float32 Gumbel noise; ``inv_temperature`` () float32 (1 /
+  temperature; 0 means argmax); ``forced`` (16, B) int64 and ``mask`` (16, B) bool: the input of
+  step i + 1 is ``forced[i]`` where ``mask[i]``, else the token sampled at step i (this is how a
+  prompt is read through the same graph); then every state tensor ``state.<name>``. Outputs:
+  ``tokens`` (16, B) int64 (the inputs of steps 1..16, so ``tokens[-1]`` is the next frame's
+  ``token``), ``logits`` (16, B, 256) float32, and ``next.<name>`` for every state tensor.
+- **single**: one sample at any phase. Inputs ``token`` (B,), ``t`` () int64 (samples consumed so
+  far; only t % 16 matters), the states; outputs ``logits`` (B, 256) and the next states. Every tier
+  is computed at every step and the schedule applied with masks, so it is slower than the block.
+
+Sampling is Gumbel-max, ``argmax(logits * inv_temperature + noise)``, exactly as
+`ssmgen.generate.sampling` (no top-k / top-p in the graph). State names are `SaShiMi.state_names()`
+(``tier0.0.re``, ..., ``down0``, ``up0``, ...); batch is a dynamic axis. Everything a consumer needs
+(rate, encoding, normalization, state shapes, the noise recipe) is in the model's metadata_props.
+
+The graph is exported with the TorchScript tracer (``dynamo=False``): the step is a fixed, unrolled
+sequence of real ops, which is exactly what tracing captures, and the step caches (discretized
+parameters) are computed once beforehand and enter the graph as constants. The parallel prompt read
+(`forward_with_state`) is not exported: it uses FFTs (S4, S4D) that the exporters do not cover, so
+prompts are read through the block graph with forced tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ssmgen import __version__
+from ssmgen.errors import UserError
+
+DEFAULT_OPSET = 20
+N_TOKENS = 256
+NOISE_RECIPE = ("per batch row b: numpy Generator(PCG64(seed_b)) with seed_b = "
+                "SeedSequence(seed, spawn_key=(b,)).generate_state(1, uint64)[0]; per step draw "
+                "random((1, 256)) float64 u, noise = float32(-log(-log(u))); only generated steps "
+                "consume noise (prompt steps do not)")
+
+
+class ExportVerificationError(RuntimeError):
+    """onnxruntime and torch disagree on the exported graph (a bug, not a user mistake)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The graphs as torch modules
+# ------------------------------------------------------------------------------------------------
+
+def select(logits: Tensor, noise: Tensor, inv_temperature: Tensor) -> Tensor:
+    """Gumbel-max as `sampling.select_torch` without top-k/top-p: argmax of the logits when
+    inv_temperature is 0, else of logits * inv_temperature + noise."""
+    z = torch.where(inv_temperature > 0, logits * inv_temperature + noise, logits)
+    return z.argmax(-1)
+
+
+class BlockGraph(nn.Module):
+    """One frame of `model.frame` steps from phase 0, sampling and forced tokens included."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.names = model.state_names()
+
+    def forward(self, token, noise, inv_temperature, forced, mask, *states):
+        S = dict(zip(self.names, states))
+        tokens, logits_all, new = frame_steps(self.model, token, S, noise, inv_temperature,
+                                              forced, mask)
+        return (torch.stack(tokens), torch.stack(logits_all), *(new[n] for n in self.names))
+
+
+def frame_steps(model, token: Tensor, S: dict[str, Tensor], noise, inv_temperature, forced, mask):
+    """`model.step` for the `model.frame` steps of one frame from phase 0, written for a lean
+    graph: the schedule is static, pool buffers are python lists of (B, H) pieces (concatenated or
+    sliced, never scattered or reshaped with the batch size), so the graph has no shape arithmetic
+    and batch stays dynamic. Same arithmetic as `model.step` (the export verifies it against that).
+
+    At phase 0 a down buffer's input is never read (each slot is written before the frame that
+    uses it), and after a whole frame every down buffer is empty (zeros), as `model.step` leaves it.
+    """
+    cfg = model.cfg
+    level = len(cfg.pool)
+    new = dict(S)
+    down: list[list] = [[None] * p for p in cfg.pool]
+    ups = [list(S[f"up{i}"].unbind(1)) for i in range(level)]
+    tokens, logits_all = [], []
+    for t in range(model.frame):
+        xs = [model.embedding(token)]
+        period = 1
+        for i, pool in enumerate(model.down):  # which tiers run now, and their inputs
+            pos = (t // period) % cfg.pool[i]
+            down[i][pos] = xs[-1]
+            if pos != cfg.pool[i] - 1:
+                break
+            xs.append(pool.linear(torch.cat(down[i], -1)))
+            period *= cfg.pool[i]
+        top = len(xs) - 1
+        y = _frame_tier(model, level, xs[level], new) if top == level else None
+        period = cfg.frame
+        for i in reversed(range(level)):
+            period //= cfg.pool[i]
+            if i > top:
+                continue
+            pos = (t // period) % cfg.pool[i]
+            piece = ups[i][pos]
+            if y is not None:  # the coarser tier ran: refresh this pool's pieces for next frame
+                z, H = model.up[i].linear(y), model.widths[i]
+                ups[i] = [z[:, j * H:(j + 1) * H] for j in range(cfg.pool[i])]
+            y = _frame_tier(model, i, piece + xs[i], new)
+        logits = model.head(model.norm(y))
+        token = torch.where(mask[t], forced[t], select(logits, noise[t], inv_temperature))
+        tokens.append(token)
+        logits_all.append(logits)
+    for i in range(level):
+        new[f"down{i}"] = torch.zeros_like(S[f"down{i}"])
+        new[f"up{i}"] = torch.stack(ups[i], 1)
+    return tokens, logits_all, new
+
+
+def _frame_tier(model, level: int, x: Tensor, S: dict) -> Tensor:
+    """One step of tier `level`, reading and updating its layer states in S."""
+    return model._step_tier(level, x, S, S)
+
+
+class SingleGraph(nn.Module):
+    """One sample at any phase `t`: every tier runs, the schedule is applied with masks."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.names = model.state_names()
+
+    def forward(self, token, t, *states):
+        logits, new = masked_step(self.model, token, t, dict(zip(self.names, states)))
+        return (logits, *(new[n] for n in self.names))
+
+
+def masked_step(model, token: Tensor, t: Tensor, S: dict[str, Tensor]):
+    """`model.step` with the phase as a tensor: the same arithmetic for the tiers that run, and
+    `torch.where` instead of python branches for the schedule (so one graph serves every phase)."""
+    cfg = model.cfg
+    new = dict(S)
+    xs = [model.embedding(token)]
+    B = xs[0].shape[0]
+    runs: list[Tensor | None] = [None]  # runs[i]: tier i runs at this step (None: always)
+    period = 1
+    for i, down in enumerate(model.down):
+        P = cfg.pool[i]
+        pos = torch.div(t, period, rounding_mode="floor") % P
+        at = (torch.arange(P, device=t.device) == pos).reshape(1, P, 1)
+        old = S[f"down{i}"]
+        buf = torch.where(at, xs[-1].unsqueeze(1), old)
+        full = pos == P - 1
+        xs.append(down.linear(buf.reshape(B, -1)))
+        written = torch.where(full, torch.zeros_like(buf), buf)
+        new[f"down{i}"] = written if runs[i] is None else torch.where(runs[i], written, old)
+        runs.append(full if runs[i] is None else runs[i] & full)
+        period *= P
+    level = len(cfg.pool)
+    y = _masked_tier(model, level, xs[level], S, new, runs[level])
+    period = cfg.frame
+    for i in reversed(range(level)):
+        period //= cfg.pool[i]
+        pos = (torch.div(t, period, rounding_mode="floor") % cfg.pool[i]).reshape(1)
+        old = S[f"up{i}"]
+        piece = old.index_select(1, pos).squeeze(1)
+        fresh = model.up[i].linear(y).reshape(B, cfg.pool[i], -1)
+        new[f"up{i}"] = torch.where(runs[i + 1], fresh, old)
+        y = _masked_tier(model, i, piece + xs[i], S, new, runs[i])
+    return model.head(model.norm(y)), new
+
+
+def _masked_tier(model, level, x, S, new, run):
+    out: dict[str, Tensor] = {}
+    y = model._step_tier(level, x, S, out)
+    for k, v in out.items():
+        new[k] = v if run is None else torch.where(run, v, S[k])
+    return y
+
+
+@contextmanager
+def frozen_step_caches(model):
+    """Compute every backend's step caches now and serve them as constants while tracing (the
+    caches' python-level staleness checks must not run on traced values)."""
+    from ssmgen.backends import SequenceBackend
+
+    patched = []
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, SequenceBackend):
+                continue
+            for attr in ("step_cache", "step_real"):
+                fn = getattr(m, attr, None)
+                if callable(fn):
+                    value = fn()
+                    m.__dict__[attr] = (lambda v=value: v)
+                    patched.append((m, attr))
+    try:
+        yield
+    finally:
+        for m, attr in patched:
+            m.__dict__.pop(attr, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name like model.onnx")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such folder for the output")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write here ({e.strerror or type(e).__name__})") from None
+
+
+def _check_backend(model) -> None:
+    from ssmgen.backends import SequenceBackend
+
+    for m in model.modules():
+        if isinstance(m, SequenceBackend):
+            if any(p.is_complex() for p in m.parameters()):
+                raise UserError(f"backend '{model.cfg.backend}' cannot be exported to ONNX: it "
+                                "has complex parameters")
+            return
+
+
+def state_shapes(model) -> dict[str, list]:
+    """Each state tensor's shape with the batch axis as 'B'."""
+    st = model.initial_state(1)
+    return {k: ["B", *v.shape[1:]] for k, v in st.tensors.items()}
+
+
+def export_onnx(checkpoint, out, *, opset: int = DEFAULT_OPSET, block: bool = True,
+                prompt_graph: bool = False, verify_steps: int = 2048) -> dict[str, Any]:
+    """Export the recurrent step of the model in `checkpoint` (file or run folder) to `out` (.onnx),
+    then verify it: onnxruntime and torch run the same inputs for `verify_steps` steps; logits must
+    agree within 1e-4 and sampled tokens exactly, else ExportVerificationError. The file is written
+    atomically (a temp file in the same folder, renamed once verified). Returns a summary."""
+    from ssmgen.checkpoint import load_model
+
+    out = Path(out)
+    if prompt_graph:
+        raise UserError("--prompt-graph: not supported: the parallel prompt read uses FFTs that "
+                        "ONNX export does not cover; read prompts through the block graph with "
+                        "forced tokens (see examples/onnx_continue.py)")
+    if not 9 <= opset <= 20:
+        raise UserError(f"--opset {opset}: use 9..20 (9 is the first with Where, 20 the "
+                        f"TorchScript exporter's maximum; default {DEFAULT_OPSET})")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError("export needs onnx and onnxruntime: pip install 'ssmgen[onnx]'") from None
+    _check_out(out)
+    model, ckpt = load_model(checkpoint, "cpu")
+    if "data_format" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{ckpt['path']}: checkpoint has no data format or config")
+    _check_backend(model)
+    model.eval()
+    names = model.state_names()
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    t0 = time.perf_counter()
+    try:
+        _trace(model, tmp, opset, block)
+        meta = _metadata(model, ckpt, opset, block)
+        _write_metadata(tmp, meta)
+        export_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        check = verify(model, tmp, block=block, steps=verify_steps)
+        verify_s = time.perf_counter() - t1
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "checkpoint": ckpt["path"], "graph": "block" if block else "single",
+            "backend": model.cfg.backend, "opset": opset, "block_size": model.frame,
+            "size_bytes": out.stat().st_size, "state_names": names,
+            "max_logit_diff": check["max_logit_diff"], "steps_verified": check["steps"],
+            "tokens_identical": check["tokens_identical"], "export_s": export_s,
+            "verify_s": verify_s,
+            "prompt_graph": "not exported: prompts are read through the block graph with "
+                            "forced tokens"}
+
+
+def _dummy_inputs(model, block: bool, batch: int = 2):
+    st = model.initial_state(batch)
+    states = tuple(st.tensors.values())
+    token = torch.full((batch,), 128, dtype=torch.long)
+    if not block:
+        return (token, torch.tensor(5, dtype=torch.long), *states)
+    F = model.frame
+    return (token, torch.zeros(F, batch, N_TOKENS), torch.tensor(1.0),
+            torch.zeros(F, batch, dtype=torch.long), torch.zeros(F, batch, dtype=torch.bool),
+            *states)
+
+
+def io_names(model, block: bool) -> tuple[list[str], list[str]]:
+    names = model.state_names()
+    first_in = ["token", "noise", "inv_temperature", "forced", "mask"] if block else ["token", "t"]
+    first_out = ["tokens", "logits"] if block else ["logits"]
+    return (first_in + [f"state.{n}" for n in names], first_out + [f"next.{n}" for n in names])
+
+
+def _trace(model, path: str, opset: int, block: bool) -> None:
+    inputs, outputs = io_names(model, block)
+    graph = BlockGraph(model) if block else SingleGraph(model)
+    k = len(model.state_names())
+    dyn = {n: {0: "B"} for n in inputs[-k:] + outputs[-k:]}
+    dyn["token"] = {0: "B"}
+    if block:
+        dyn.update(noise={1: "B"}, forced={1: "B"}, mask={1: "B"}, tokens={1: "B"},
+                   logits={1: "B"})
+    else:
+        dyn["logits"] = {0: "B"}
+    with frozen_step_caches(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, _dummy_inputs(model, block), path, dynamo=False,
+                          opset_version=opset, input_names=inputs, output_names=outputs,
+                          dynamic_axes=dyn, do_constant_folding=True)
+
+
+def _metadata(model, ckpt: dict, opset: int, block: bool) -> dict[str, str]:
+    fmt = ckpt["data_format"]
+    inputs, outputs = io_names(model, block)
+    return {
+        "ssmgen.format": "ssmgen-onnx-step",
+        "ssmgen.version": __version__,
+        "graph": "block" if block else "single",
+        "sample_rate": str(int(fmt["rate"])),
+        "encoding": str(fmt["encoding"]),
+        "bits": str(int(fmt.get("bits", 8))),
+        "normalization": str(fmt["normalization"]),
+        "preset": str(ckpt["config"].get("preset", "custom")),
+        "backend": model.cfg.backend,
+        "block_size": str(model.frame),
+        "pool": json.dumps(list(model.cfg.pool)),
+        "n_tokens": str(model.cfg.n_tokens),
+        "silence_token": "128",
+        "state_names": json.dumps(model.state_names()),
+        "state_shapes": json.dumps(state_shapes(model)),
+        "inputs": json.dumps(inputs),
+        "outputs": json.dumps(outputs),
+        "opset": str(opset),
+        "checkpoint_step": str(int(ckpt.get("step", 0))),
+        "sampling": "token = argmax(logits * inv_temperature + noise); argmax(logits) when "
+                    "inv_temperature == 0; inv_temperature = float32(1 / temperature)",
+        "noise": NOISE_RECIPE,
+        "prompt": "inputs of steps 0..T-1 are 128 then prompt[0..T-2]: start with token 128, "
+                  "forced[i] = prompt[i] with mask true for i < T, then sample",
+    }
+
+
+def _write_metadata(path: str, meta: dict[str, str]) -> None:
+    import onnx
+
+    m = onnx.load(path)
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    m.doc_string = "ssmgen SaShiMi recurrent step (see metadata_props)"
+    onnx.save(m, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification
+# ------------------------------------------------------------------------------------------------
+
+def session(path: str | os.PathLike, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def verify(model, path, *, block: bool = True, steps: int = 2048, batch: int = 2, seed: int = 0,
+           tol: float = 1e-4) -> dict[str, Any]:
+    """Run torch (`model.step` + the sampler's selection) and onnxruntime side by side for `steps`
+    steps from the initial state, each on its own chain of states. The first quarter of the steps
+    is forced (as a prompt is read), the rest sampled at temperature 1 from the same noise.
+    Raises ExportVerificationError on a token mismatch or a logit difference above `tol`."""
+    from ssmgen.generate.continuation import single_thread
+    from ssmgen.generate.sampling import select_torch
+
+    sess = session(path)
+    names = model.state_names()
+    rng = np.random.default_rng(seed)
+    F = model.frame if block else 1
+    n_blocks = max(1, math.ceil(steps / F))
+    total = n_blocks * F
+    forced = rng.integers(0, N_TOKENS, (total, batch)).astype(np.int64)
+    mask = np.zeros((total, batch), bool)
+    mask[: total // 4] = True
+    u = rng.random((total, batch, N_TOKENS))
+    noise = (-np.log(-np.log(u))).astype(np.float32)
+    inv_t = np.float32(1.0)
+
+    state = model.initial_state(batch)
+    ort_states = [v.numpy().copy() for v in state.tensors.values()]
+    token = torch.full((batch,), 128, dtype=torch.long)
+    ort_token = token.numpy().copy()
+    worst = 0.0
+    with single_thread():
+        for b in range(n_blocks):
+            sl = slice(b * F, (b + 1) * F)
+            ref_tokens, ref_logits = [], []
+            for i in range(b * F, (b + 1) * F):
+                logits, state = model.step(token, state)
+                sampled = select_torch(logits, torch.from_numpy(noise[i]), float(inv_t))
+                token = torch.where(torch.from_numpy(mask[i]), torch.from_numpy(forced[i]), sampled)
+                ref_tokens.append(token.numpy())
+                ref_logits.append(logits.numpy())
+            if block:
+                feeds = {"token": ort_token, "noise": noise[sl],
+                         "inv_temperature": np.array(inv_t, np.float32),
+                         "forced": forced[sl], "mask": mask[sl]}
+            else:
+                feeds = {"token": ort_token, "t": np.array(b, np.int64)}
+            feeds.update({f"state.{n}": s for n, s in zip(names, ort_states)})
+            res = sess.run(None, feeds)
+            if block:
+                got_tokens, got_logits, ort_states = res[0], res[1], res[2:]
+            else:
+                got_logits, ort_states = res[0][None], res[1:]
+                sampled = select_torch(torch.from_numpy(res[0]), torch.from_numpy(noise[b]),
+                                       float(inv_t)).numpy()
+                got_tokens = np.where(mask[b], forced[b], sampled)[None]
+            diff = float(np.max(np.abs(got_logits - np.stack(ref_logits))))
+            worst = max(worst, diff)
+            if not np.array_equal(got_tokens, np.stack(ref_tokens)):
+                raise ExportVerificationError(
+                    f"onnxruntime and torch sampled different tokens at steps "
+                    f"{b * F}..{b * F + F - 1}"
+                    f" (max logit difference so far {worst:.2e})")
+            if not diff <= tol:
+                raise ExportVerificationError(
+                    f"onnxruntime and torch logits differ by {diff:.2e} (> {tol:g}) at steps "
+                    f"{b * F}..{b * F + F - 1}")
+            ort_token = got_tokens[-1]
+    return {"steps": total, "max_logit_diff": worst, "tokens_identical": True, "batch": batch}
