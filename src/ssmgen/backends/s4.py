@@ -1,0 +1,385 @@
+"""S4: the diagonal-plus-low-rank (DPLR) state-space layer (Gu et al. 2022, "Efficiently Modeling
+Long Sequences with Structured State Spaces"), in the stable form SaShiMi uses (Goel et al. 2022).
+
+Continuous system per channel h (N = d_state, stored as N/2 conjugate-pair modes):
+    A = Lambda - P P^*,  Re(Lambda) = -exp(log_A_real) < 0,
+initialized from the NPLR form of HiPPO-LegS in the eigenbasis of its normal part. A, B, P (one SSM
+copy) are shared by all channels; C, D and dt are per channel. A + A^* = 2 Re(Lambda) - 2 P P^* is
+negative definite, so every A is Hurwitz and its bilinear discretization is a contraction.
+
+Bilinear discretization with M1 = 2/dt - A and M2 = 2/dt + A:
+    x_t = dA x_{t-1} + dB u_t,  dA = M1^-1 M2,  dB = 2 M1^-1 B,  y_t = 2 Re(C x_t) + D u_t.
+
+The full 2*(N/2)-dimensional complex state is [x; conj x]; a real-linear map of the stored half x
+acts on its real form rho(x) = [Re x; Im x] as an N x N real matrix (used for dA^T, never for
+stepping). Everything below is exact for any length L:
+
+* Resolvent at the T-th roots of unity zeta (Cauchy + Woodbury):
+      (I - zeta dA)^-1 dB = 2 W B,  (I - zeta dA)^-1 dA = W M2,
+      W = (Delta + (1+zeta) P P^*)^-1,  Delta = diag((2/dt)(1-zeta) - (1+zeta) Lambda_n),
+  a diagonal (Cauchy) term minus a rank-R Woodbury term; no singularity at zeta = -1.
+* Kernel: K_hat(zeta) = C~ (I - zeta dA)^-1 dB with the truncated generating function correction
+  C~ = C (I - dA^T), then an inverse FFT. C is the TRUE C (a parameter); C~ is formed per length.
+  Lengths above `block_size` are cut into blocks of T: block b uses C dA^(bT) in place of C, so
+  no (H, N, L) tensor is ever built and the kernel costs one batched matmul over the blocks.
+* forward_with_state: the initial state's echo 2 Re(C dA^(t+1) x0) uses the row kernel
+  C~ W M2 (same machinery; skipped when x0 = 0); the final state x_L = dA^L x0 +
+  sum_j dA^j dB u_(L-1-j) uses f_j (the inverse FFT of 2 W B: dA^j dB aliased by (I - dA^T)^-1,
+  corrected on the block sums) and dA^T between blocks (log-depth products, no stepping). Since
+  f is at hand, the kernel is there the real rows C~_b against f_j (equal to the Cauchy sums).
+* The N x N dense work (dA built by stepping the basis, dA^T by squaring, C dA^(bT)) runs in
+  float64 whatever the parameters' dtype: cheap, and dA^T is ill-conditioned in T for slow modes.
+* step: the Woodbury linear step x' = M1^-1 (M2 x + 2 B u), O(N) per channel, in real arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ssmgen.backends.base import SequenceBackend, State
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialization
+# ------------------------------------------------------------------------------------------------
+
+def hippo_legs_nplr(N: int, rank: int = 1, b_clip: float | None = 2.0):
+    """NPLR form of HiPPO-LegS: (Lambda (N/2,), P (rank, N/2), B (N/2,), V (N, N/2)), complex128.
+
+    A_legs = V_full (Lambda_full - p_full p_full^*) V_full^* with V_full = [V, conj V],
+    p_full = [P; conj P]: the normal part A + P P^T = -1/2 + skew is diagonalized with eigh.
+    Keeps the half with negative imaginary parts; B's imaginary part is clipped like the reference.
+    """
+    q = torch.arange(N, dtype=torch.float64)
+    sq = torch.sqrt(2 * q + 1)
+    A = -torch.tril(sq[:, None] * sq[None, :], -1) - torch.diag(q + 1)
+    B = sq
+    p = torch.sqrt(q + 0.5)
+    S = A + p[:, None] * p[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)  # skew-symmetric
+    w, V = torch.linalg.eigh(-1j * S.to(torch.complex128))  # S v = i w v
+    idx = torch.argsort(w)[: N // 2]
+    lam = -0.5 + 1j * w[idx]
+    V = V[:, idx]
+    Bn = V.conj().T @ B.to(V.dtype)
+    if b_clip is not None:
+        Bn = torch.complex(Bn.real, Bn.imag.clamp(-b_clip, b_clip))
+    Pn = torch.zeros(rank, N // 2, dtype=torch.complex128)
+    Pn[0] = V.conj().T @ p.to(V.dtype)
+    return lam, Pn, Bn, V
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+def _full(s: Tensor, dim: int = 1) -> Tensor:
+    """Sum over all 2*(N/2) modes from the sum over the stored half: s(zeta) + conj(s(conj zeta)),
+    where the frequency axis `dim` holds zeta_k = exp(-2 pi i k / T), so conj zeta_k = zeta_-k."""
+    return s + torch.roll(s.flip(dim), 1, dim).conj()
+
+
+def _inv(M: Tensor) -> Tensor:
+    """Inverse of (..., R, R) (reciprocal for R = 1)."""
+    return M.reciprocal() if M.shape[-1] == 1 else torch.linalg.inv(M)
+
+
+def _roots(T: int, cdtype: torch.dtype, device) -> Tensor:
+    k = torch.arange(T, dtype=torch.float64, device=device)
+    return torch.polar(torch.ones_like(k), -2 * math.pi * k / T).to(cdtype)
+
+
+def _flush(M: Tensor) -> Tensor:
+    """Zero entries below sqrt(smallest normal): powers of a contraction decay towards subnormal
+    numbers, which make CPU matmuls ~100x slower (seconds for 64 x 64 blocks); the products of
+    the kept entries stay normal. The dropped entries are < 1e-150 (float64), far below rounding."""
+    return torch.where(M.abs() < math.sqrt(torch.finfo(M.dtype).tiny), 0.0, M)
+
+
+def _powers(M: Tensor, n: int) -> list[Tensor]:
+    """[M, M^2, M^4, ...] up to the highest power of two <= n."""
+    sq = [M]
+    while 2 ** len(sq) <= n:
+        sq.append(_flush(sq[-1] @ sq[-1]))
+    return sq
+
+
+def _matpow(sq: list[Tensor], n: int) -> Tensor:
+    out = None
+    for k, Mk in enumerate(sq):
+        if n >> k & 1:
+            out = Mk if out is None else _flush(out @ Mk)
+    if out is None:
+        out = torch.eye(sq[0].shape[-1], dtype=sq[0].dtype, device=sq[0].device).expand_as(sq[0])
+    return out
+
+
+def _krylov(M: Tensor, V: Tensor, n: int) -> Tensor:
+    """[M^k V for k < n] as (H, d, n, c) for M (H, d, d), V (H, d, c): doubling, log n matmuls
+    with the powers side by side in the columns (no broadcast copies of M)."""
+    c = V.shape[-1]
+    out, Mk = _flush(V), M
+    while out.shape[-1] < n * c:
+        out = torch.cat([out, _flush(Mk @ out)], -1)
+        Mk = _flush(Mk @ Mk)
+    return out[..., : n * c].unflatten(-1, (n, c))
+
+
+def _horner(M: Tensor, S: Tensor) -> Tensor:
+    """sum_b M^(n-1-b) S[:, :, b] for S (H, d, n, c): a pairwise tree, log n matmuls."""
+    n = S.shape[2]
+    m = 1 << max(0, (n - 1).bit_length())
+    S = torch.cat([S.new_zeros(S.shape[:2] + (m - n,) + S.shape[3:]), S], 2)  # zeros first: no-op
+    Mk = M
+    while S.shape[2] > 1:
+        S = (Mk @ S[:, :, 0::2].flatten(2)).unflatten(-1, (-1, S.shape[3])) + S[:, :, 1::2]
+        S, Mk = _flush(S), _flush(Mk @ Mk)
+    return S[:, :, 0]
+
+
+def _lowrank(a: Tensor, P: Tensor) -> Tensor:
+    """a @ P for a (..., R), P (R, n); a broadcast product when R = 1 (faster than a K=1 matmul)."""
+    return a * P[0] if P.shape[0] == 1 else a @ P
+
+
+def _matvec(M: Tensor, v: Tensor) -> Tensor:
+    """(H, n, n) @ (..., H, n) -> (..., H, n)."""
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def causal_conv(u: Tensor, k: Tensor) -> Tensor:
+    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT, zero-padded to 2L (no wrap-around)."""
+    L = u.shape[-1]
+    n = 2 * L
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer
+# ------------------------------------------------------------------------------------------------
+
+class S4(SequenceBackend):
+    """S4 (DPLR, HiPPO-LegS init, bilinear) with D skip; no output projection of its own."""
+
+    has_output_projection = False
+    #: Largest FFT block of the kernel machinery (a power of two). Longer sequences are blocked.
+    block_size: int = 2048
+
+    def __init__(self, d_model: int, d_state: int = 64, rank: int = 1, dt_min: float = 1e-3,
+                 dt_max: float = 1e-1, lr: float | None = 1e-3) -> None:
+        super().__init__(d_model)
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        H, N2 = d_model, d_state // 2
+        self.d_state, self.rank, self.lr = d_state, rank, lr
+        lam, P, B, _ = hippo_legs_nplr(d_state, rank)
+        # Shared by all channels (one SSM copy): Lambda, P, B.
+        self.log_A_real = nn.Parameter(torch.log(-lam.real).float())
+        self.A_imag = nn.Parameter(lam.imag.float())
+        self.P = nn.Parameter(torch.view_as_real(P).float().contiguous())  # (R, N/2, 2)
+        self.B = nn.Parameter(torch.view_as_real(B).float().contiguous())  # (N/2, 2)
+        # Per channel: C ~ CN(0, 1) (the true C, real pairs), D, log dt ~ U[log dt_min, log dt_max].
+        self.C = nn.Parameter(torch.randn(H, N2, 2) * math.sqrt(0.5))
+        self.D = nn.Parameter(torch.randn(H))
+        self.log_dt = nn.Parameter(
+            torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        return [self.log_A_real, self.A_imag, self.P, self.B, self.log_dt]
+
+    def state_names(self) -> list[str]:
+        return ["re", "im"]
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
+        shape = (batch_size, self.d_model, self.d_state // 2)
+        dtype = dtype or self.log_dt.dtype
+        device = device or self.log_dt.device
+        return (torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype))
+
+    # --- parameters ------------------------------------------------------------------------------
+    def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+        """(dt (H,), Lambda (N/2,), P (R, N/2), B (N/2,), C (H, N/2)), the last four complex;
+        computed in `dtype` (default: the parameters' own)."""
+        def get(p: Tensor) -> Tensor:
+            return p if dtype is None else p.to(dtype)
+        lam = torch.complex(-torch.exp(get(self.log_A_real)), get(self.A_imag))
+        P, B, C = (torch.view_as_complex(get(p).contiguous()) for p in (self.P, self.B, self.C))
+        return torch.exp(get(self.log_dt)), lam, P, B, C
+
+    def prepare_step(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Real tensors for the O(N) Woodbury step (`advance`), exportable as they are.
+
+        The step works on the planar real state rho(x) = [Re x; Im x] (..., H, N). With
+        E = 2/dt + Lambda and G = (2/dt - Lambda)^-1 (H, N/2), a complex diagonal product E x is
+        E1 * rho + E2 * swap(rho), swap exchanging the halves;
+        E1 = [Re E, Re E], E2 = [-Im E, Im E].
+        P = [Re P, Im P] (R, N), P2 = 2 P; GP = rho(G P) (H, R, N);
+        Sinv = (I + 2 Re(P^* G P))^-1 (H, R, R); B2 = rho(2 B) (N,); C = [2 Re C, -2 Im C] (H, N)
+        so that y = C . rho(x) + D u; D (H,).
+        """
+        dt, lam, P, B, C = self.ssm(dtype)
+        E = 2 / dt[:, None] + lam
+        G = 1 / (2 / dt[:, None] - lam)
+        S = 2 * torch.einsum("rn,hn,sn->hrs", P.conj(), G, P).real
+        S = S + torch.eye(P.shape[0], dtype=S.dtype, device=S.device)
+        planar = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731
+        Pp = planar(P)
+        return {"E1": torch.cat([E.real, E.real], -1), "E2": torch.cat([-E.imag, E.imag], -1),
+                "G1": torch.cat([G.real, G.real], -1), "G2": torch.cat([-G.imag, G.imag], -1),
+                "P": Pp, "P2": 2 * Pp, "GP": planar(G[:, None, :] * P), "Sinv": torch.linalg.inv(S),
+                "B2": planar(2 * B), "C": torch.cat([2 * C.real, -2 * C.imag], -1),
+                "D": self.D if dtype is None else self.D.to(dtype)}
+
+    @staticmethod
+    def advance(k: dict[str, Tensor], x: Tensor, u: Tensor | None = None) -> Tensor:
+        """rho(x') = rho(dA x + dB u) for the planar state x (..., H, N), O(N) per channel:
+        w = (2/dt + A) x + 2 B u with A x = Lambda x - P 2 Re(P^* x), then the Woodbury solve
+        x' = G w - G P Sinv 2 Re(P^* G w)."""
+        n2 = x.shape[-1] // 2
+        swap = lambda z: z.unflatten(-1, (2, n2)).flip(-2).flatten(-2)  # noqa: E731
+        w = k["E1"] * x + k["E2"] * swap(x) - _lowrank(x @ k["P2"].T, k["P"])
+        if u is not None:
+            w = w + k["B2"] * u.unsqueeze(-1)
+        v = k["G1"] * w + k["G2"] * swap(w)
+        c = v @ k["P2"].T  # (..., H, R)
+        GP, Sinv = k["GP"], k["Sinv"]
+        if GP.shape[1] == 1:
+            return v - (c * Sinv[:, 0]) * GP[:, 0]
+        return v - (_matvec(Sinv, c).unsqueeze(-1) * GP).sum(-2)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        k = self.step_cache()
+        s = self.advance(k, torch.cat(state, -1), x)
+        y = (k["C"] * s).sum(-1) + k["D"] * x
+        n2 = s.shape[-1] // 2
+        return y, (s[..., :n2], s[..., n2:])
+
+    # --- the parallel machinery ------------------------------------------------------------------
+    def transition_matrix(self, k: dict[str, Tensor] | None = None) -> Tensor:
+        """dA as a real (H, N, N) matrix acting on rho(x) = [Re x; Im x]."""
+        k = self.prepare_step() if k is None else k
+        eye = torch.eye(self.d_state, dtype=k["E1"].dtype, device=k["E1"].device).unsqueeze(1)
+        return self.advance(k, eye).permute(1, 2, 0)  # column j = rho(dA e_j)
+
+    def _plan(self, L: int) -> tuple[int, int]:
+        T = L if L <= self.block_size else self.block_size
+        return T, -(-L // T)
+
+    def _cauchy(self, T: int, ct: Tensor):
+        """Cauchy sums at zeta_k = exp(-2 pi i k/T), k < T, over the stored half of the modes.
+
+        With q_n = 1/Delta_n (H, T, N/2) one batched matmul gives every sum the Woodbury form
+        needs: P^* Q P (full), P^* Q B (full), and per row b of ct (H, nb, N/2): ct Q B, ct Q P.
+        Returns (S, parts): S (H, nb, T) = ct_b (I - zeta dA)^-1 dB summed over the half modes
+        (the kernel is 2 Re ifft S), parts = (q, z1, Kinv, coef) for `_state_maps`.
+        """
+        dt, lam, P, B, _ = self.ssm()
+        R, nb = P.shape[0], ct.shape[1]
+        zeta = _roots(T, lam.dtype, lam.device)
+        z1 = (1 + zeta)[:, None]  # (T, 1)
+        q = 1 / ((2 / dt)[:, None, None] * (1 - zeta)[:, None] - z1 * lam)  # (H, T, N/2)
+        Pc = P.conj()
+        H = q.shape[0]
+        cols = torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)  # (R*R+R, n)
+        cols = torch.cat([cols.expand(H, -1, -1), ct * B, (ct[:, :, None, :] * P).flatten(1, 2)], 1)
+        sums = q @ cols.transpose(1, 2)  # (H, T, R*R + R + nb + nb*R)
+        Mpp = _full(sums[..., : R * R]).unflatten(-1, (R, R))
+        sPB = _full(sums[..., R * R: R * R + R])
+        sCB = sums[..., R * R + R: R * R + R + nb].transpose(1, 2)  # (H, nb, T)
+        sCP = sums[..., R * R + R + nb:].unflatten(-1, (nb, R)).transpose(1, 2)  # (H, nb, T, R)
+        eye = torch.eye(R, dtype=q.dtype, device=q.device)
+        Kinv = _inv(eye + z1[..., None] * Mpp)  # Woodbury core (H, T, R, R)
+        coef = z1 * torch.einsum("htrs,hts->htr", Kinv, sPB)  # (H, T, R)
+        S = 2 * (sCB - (sCP * coef.unsqueeze(1)).sum(-1))
+        return S, (q, z1, Kinv, coef)
+
+    def _state_maps(self, ct0: Tensor, parts, echo: bool) -> tuple[Tensor, Tensor | None]:
+        """The resolvent vectors X = (I - zeta dA)^-1 dB and (if `echo`), for the row ct0 (H, N/2),
+        the echo rows ct0~ (I - zeta dA)^-1 dA = ct0~ W M2, both (H, T, N/2) (half modes)."""
+        dt, lam, P, B, _ = self.ssm()
+        q, z1, Kinv, coef = parts
+        Pc = P.conj()
+        X = 2 * q * (B - _lowrank(coef, P))
+        if not echo:
+            return X, None
+        sCP = _full(q @ (ct0[:, :, None] * P.T))  # (H, T, R)
+        rho = z1 * torch.einsum("htr,htrs->hts", sCP, Kinv)
+        row = q * (ct0[:, None, :] - _lowrank(rho, Pc))  # ct0~ W
+        sRP = _full(row @ P.T)
+        return X, row * ((2 / dt)[:, None, None] + lam) - _lowrank(sRP, Pc)
+
+    def _rows(self, C: Tensor, AT: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+        """C~_b = C dA^(bT) (I - dA^T) for b < nb: as real rows gt (H, nb, N) acting on rho(x)
+        (y = gt . rho(x)) and as complex half-mode rows ct (H, nb, N/2) (y = 2 Re(ct x))."""
+        g = torch.cat([2 * C.real, -2 * C.imag], -1).unsqueeze(-1)  # (H, N, 1)
+        gam = _krylov(AT.transpose(1, 2), g, nb)[..., 0].transpose(1, 2)  # (H, nb, N)
+        gt = gam - gam @ AT
+        N2 = self.d_state // 2
+        return gt, torch.complex(gt[..., :N2], -gt[..., N2:]) / 2
+
+    def _kernel_parts(self, L: int, with_state: bool, echo: bool = True):
+        """The dense N x N work (dA, its powers, C~) runs in float64 whatever the parameters'
+        dtype: it is tiny, and dA^T's sensitivity grows with T (float32 lost 1e-4 at T = 4096)."""
+        T, nb = self._plan(L)
+        hi = torch.float32 if self.log_dt.device.type == "mps" else torch.float64  # no f64 on MPS
+        Ahat = self.transition_matrix(self.prepare_step(hi))
+        sq = _powers(Ahat, T)
+        AT = _matpow(sq, T)
+        gt, ct = self._rows(self.ssm(hi)[4], AT, nb)
+        ct = ct.to(self.ssm()[1].dtype)
+        if not with_state:  # S4's kernel: Cauchy sums of C~_b against the Woodbury resolvent
+            S, parts = self._cauchy(T, ct)
+            K = 2 * torch.fft.ifft(S, dim=-1).real
+            return K.reshape(self.d_model, nb * T)[:, :L], None
+        # With a state the resolvent vectors X are needed anyway: their inverse FFT f_j (aliased
+        # dA^j dB) against the real rows gives the same kernel by one real matmul.
+        _, parts = self._cauchy(T, ct[:, :1])
+        X, Grow = self._state_maps(ct[:, 0], parts, echo)
+        f = torch.view_as_real(torch.fft.ifft(X, dim=1)).flatten(2)  # (H, T, N) pairs interleaved
+        N2 = self.d_state // 2
+        gi = torch.stack([gt[..., :N2], gt[..., N2:]], -1).flatten(2).to(f.dtype)  # interleaved
+        K = (gi @ f.transpose(1, 2)).reshape(self.d_model, nb * T)[:, :L]
+        return K, (T, nb, sq, AT, f, Grow)
+
+    def kernel(self, L: int) -> Tensor:
+        """K (H, L): K_l = 2 Re(C dA^l dB)."""
+        return self._kernel_parts(L, False)[0]
+
+    # --- modes -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.transpose(1, 2)  # (B, H, L)
+        K = self.kernel(u.shape[-1]).to(u.dtype)
+        y = causal_conv(u, K) + self.D.unsqueeze(-1) * u
+        return y.transpose(1, 2)
+
+    def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        u = x.transpose(1, 2)  # (B, H, L)
+        Bt, H, L = u.shape
+        N2 = self.d_state // 2
+        x0 = torch.cat(state, -1).permute(1, 2, 0)  # rho(x0) (H, N, B)
+        echo = bool((x0 != 0).any())  # reading from a fresh state skips the echo
+        K, (T, nb, sq, AT, f, Grow) = self._kernel_parts(L, True, echo)
+        y = causal_conv(u, K.to(u.dtype)) + self.D.unsqueeze(-1) * u
+        # Echo of the initial state: y_(bT+t) += 2 Re(g_t . dA^(bT) x0), g_t = C dA^(t+1).
+        Z = _krylov(AT, x0.to(AT.dtype), nb)  # dA^(bT) x0 (H, N, nb, B)
+        if echo:
+            g = torch.fft.ifft(Grow, dim=1)  # (H, T, N/2)
+            # 2 Re(g z) = [g_re, g_im] . [2 z_re, -2 z_im], pairs interleaved: a view of g.
+            Zi = torch.stack([2 * Z[:, :N2], -2 * Z[:, N2:]], 2).flatten(1, 2).to(g.real.dtype)
+            echo = torch.einsum("htj,hjkb->bhkt", torch.view_as_real(g).flatten(2), Zi)
+            y = y + echo.reshape(Bt, H, nb * T)[..., :L].to(y.dtype)
+        # Final state: dA^L x0 + sum_j dA^j dB u_(L-1-j), blockwise (front-padded with zeros).
+        # The inverse FFT of X is aliased, (I - dA^T)^-1 dA^j dB: the block sums get (I - dA^T).
+        up = torch.nn.functional.pad(u, (nb * T - L, 0)).to(f.dtype)
+        up = up.reshape(Bt, H, nb, T).flip(-1)  # input T-1-j of each block meets dA^j dB
+        s = torch.einsum("htj,bhkt->hjkb", f, up)  # interleaved pairs
+        s = s.unflatten(1, (N2, 2)).transpose(1, 2).flatten(1, 2).to(AT.dtype)  # (H, N, nb, B)
+        s = s - (AT @ s.flatten(2)).view_as(s)
+        xL = _matpow(sq, L - (nb - 1) * T) @ Z[:, :, -1] + _horner(AT, s)  # (H, N, B)
+        xL = xL.permute(2, 0, 1).to(u.dtype)
+        return y.transpose(1, 2), (xL[..., :N2].contiguous(), xL[..., N2:].contiguous())
