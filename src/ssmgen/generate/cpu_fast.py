@@ -1,0 +1,256 @@
+"""The cpu-fast engine: the whole recurrent SaShiMi step in one numba function.
+
+`pack_model` flattens every weight the step needs into one contiguous float32 array `W` (linear
+maps transposed to (in, out) for axpy-style products, each block 64-byte aligned) with int64 offset
+tables; the model state becomes one float32 array `S` holding every state tensor in its torch layout
+(plus an accumulator for the first down-pool). What is a pure function of the token is a table:
+the first DownPool's linear map of an embedding is precomputed for the 256 tokens and each position
+in the pool (`T0`), so the step adds one row per sample instead of a 256x128 product per 4 samples.
+
+`run_steps` (cpu_fast_kernels.py) runs a chunk of steps from any phase t (the tier schedule is
+computed from t), sampling included, with no allocation; the engine calls it per chunk of 1024
+samples and reports progress between chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ssmgen.generate import cpu_fast_kernels as K
+from ssmgen.generate.sampling import Sampler
+from ssmgen.model import ModelState, SaShiMi
+
+CHUNK = 1024
+ALIGN = 16  # floats (64 bytes)
+KINDS = {"S4D": K.S4D, "S4": K.S4, "Mamba": K.MAMBA}
+SUPPORTED = ("S4D", "S4", "Mamba")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+class _Flat:
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, a) -> int:
+        a = np.ascontiguousarray(a, dtype=np.float32).ravel()
+        off = self.n
+        pad = (-a.size) % ALIGN
+        self.parts.append(a)
+        if pad:
+            self.parts.append(np.zeros(pad, np.float32))
+        self.n += a.size + pad
+        return off
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(ALIGN, np.float32)
+
+
+def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
+    return f.add(_np(lin.weight).T), f.add(_np(lin.bias))
+
+
+def _backend_fields(f: _Flat, layer) -> list[int]:
+    kind = type(layer).__name__
+    if kind == "S4D":
+        with torch.no_grad():  # from discrete() (dtA, dB, C), whatever layout step() uses
+            dtA, dB, C = layer.discrete()
+            dA = torch.exp(dtA)
+        return [f.add(_np(dA.real)), f.add(_np(dA.imag)), f.add(_np(dB.real)), f.add(_np(dB.imag)),
+                f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D))]
+    if kind == "S4":
+        # The quantities of S4.prepare_step, from the layer's (dt, Lambda, P, B, C): the same
+        # Woodbury step, in real/imaginary parts (independent of how the backend lays them out).
+        with torch.no_grad():
+            dt, lam, P, B, C = layer.ssm(torch.float32)
+            E = 2 / dt[:, None] + lam
+            G = 1 / (2 / dt[:, None] - lam)
+            Sm = 2 * torch.einsum("rn,hn,sn->hrs", P.conj(), G, P).real
+            Sinv = torch.linalg.inv(Sm + torch.eye(P.shape[0], dtype=Sm.dtype))
+            GP = G[:, None, :] * P
+        fields = []
+        for z in (E, G, P, GP, 2 * B):
+            fields += [f.add(_np(z.real)), f.add(_np(z.imag))]
+        fields += [f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D)),
+                   f.add(_np(Sinv)), 0, layer.rank]  # rank kept with the offsets
+        return fields
+    if kind == "Mamba":
+        E, R, N = layer.d_inner, layer.dt_rank, layer.d_state
+        zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731
+        bias = lambda lin, n: _np(lin.bias) if lin.bias is not None else zeros(n)  # noqa: E731
+        conv_b = layer.conv1d.bias
+        return [f.add(_np(layer.in_proj.weight).T), f.add(bias(layer.in_proj, 2 * E)),
+                f.add(_np(layer.conv1d.weight).reshape(E, layer.d_conv)),
+                f.add(_np(conv_b) if conv_b is not None else zeros(E)),
+                f.add(_np(layer.x_proj.weight).T), f.add(zeros(R + 2 * N)),
+                f.add(_np(layer.dt_proj.weight).T), f.add(_np(layer.dt_proj.bias)),
+                f.add(-np.exp(_np(layer.A_log).astype(np.float64))), f.add(_np(layer.D)),
+                f.add(_np(layer.out_proj.weight).T), f.add(bias(layer.out_proj, layer.d_model)),
+                R]  # dt_rank differs per tier (ceil(width / 16)): kept with the offsets
+    raise NotImplementedError(
+        f"cpu-fast engine: backend {kind} is not supported yet (supported: {', '.join(SUPPORTED)});"
+        " use --engine torch")
+
+
+def _backend_ints(layer) -> dict[int, int]:
+    kind = type(layer).__name__
+    if kind in ("S4D", "S4"):
+        return {K.C_N: layer.d_state // 2}
+    if kind == "Mamba":
+        return {K.C_N: layer.d_state, K.C_E: layer.expand,
+                K.C_K: layer.d_conv}
+    return {}
+
+
+class Packed:
+    """A model's weights and offset tables for the kernels."""
+
+    def __init__(self, model: SaShiMi) -> None:
+        cfg = model.cfg
+        self.model = model
+        f = _Flat()
+        T = len(cfg.pool) + 1
+        widths = list(model.widths)
+        first = model.center.seq[0].layer
+        kind = type(first).__name__
+        if kind not in SUPPORTED:
+            _backend_fields(f, first)  # raises the clear error
+        GO = np.zeros(8 + 4 * len(cfg.pool), np.int64)
+        emb = _np(model.embedding.weight)
+        GO[K.G_EMB] = f.add(emb)
+        GO[K.G_NG], GO[K.G_NB] = f.add(_np(model.norm.weight)), f.add(_np(model.norm.bias))
+        GO[K.G_HW], GO[K.G_HB] = _linear(f, model.head)
+        for i, p in enumerate(cfg.pool):
+            GO[8 + 4 * i], GO[9 + 4 * i] = _linear(f, model.down[i].linear)
+            GO[10 + 4 * i], GO[11 + 4 * i] = _linear(f, model.up[i].linear)
+        w0, p0 = widths[0], cfg.pool[0]
+        self.down0_wt = _np(model.down[0].linear.weight).T.astype(np.float64)  # (p0 * w0, w1)
+        table = np.einsum("tc,pco->pto", emb.astype(np.float64),
+                          self.down0_wt.reshape(p0, w0, -1))
+        GO[K.G_T0] = f.add(table)
+        LO = np.zeros((T, cfg.n_layers, 32), np.int64)
+        for l in range(T):
+            tier = model._tier(l)
+            for j, (seq, ff) in enumerate(zip(tier.seq, tier.ff)):
+                lo = LO[l, j]
+                lo[K.N1G], lo[K.N1B] = f.add(_np(seq.norm.weight)), f.add(_np(seq.norm.bias))
+                if seq.output_linear is not None:
+                    lo[K.OLW], lo[K.OLB] = _linear(f, seq.output_linear)
+                lo[K.N2G], lo[K.N2B] = f.add(_np(ff.norm.weight)), f.add(_np(ff.norm.bias))
+                lo[K.F1W], lo[K.F1B] = _linear(f, ff.fc1)
+                lo[K.F2W], lo[K.F2B] = _linear(f, ff.fc2)
+                fields = _backend_fields(f, seq.layer)
+                lo[K.BK:K.BK + len(fields)] = fields
+        self.W = f.array()
+        self.GO, self.LO = GO, LO
+        wmax = max(widths)
+        ci = np.zeros(16, np.int64)
+        ci[K.C_T], ci[K.C_NL], ci[K.C_FFE], ci[K.C_GLU] = T, cfg.n_layers, cfg.ff_expand, cfg.glu
+        ci[K.C_KIND] = KINDS[kind]
+        ci[K.C_OUTPROJ] = int(first.has_output_projection)
+        ci[K.C_CAP] = 2 * wmax
+        for k, v in _backend_ints(first).items():
+            ci[k] = v
+        self.ci = ci
+        self.widths = np.array(widths, np.int64)
+        self.pool = np.array(cfg.pool, np.int64)
+        tmp = 16 * wmax  # per-row scratch of the backend step
+        if kind == "S4":
+            tmp = max(tmp, first.d_state + 2 * first.rank + ALIGN)
+        if kind == "Mamba":
+            E = first.expand * wmax
+            tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN)  # dt_rank <= width
+        self.tmp_size = tmp
+        self.names = model.state_names()
+
+    # --- state conversion -------------------------------------------------------------------------
+    def state_in(self, state: ModelState):
+        """Flat state S, the offsets of each named tensor, SG (pool buffers) and SO (layers)."""
+        model, cfg = self.model, self.model.cfg
+        f = _Flat()
+        offs = {}
+        for name in self.names:
+            offs[name] = f.add(_np(state.tensors[name]))
+        buf0 = _np(state.tensors["down0"]).astype(np.float64)
+        B = buf0.shape[0]
+        acc = buf0.reshape(B, -1) @ self.down0_wt
+        npool = len(cfg.pool)
+        SG = np.zeros(2 * npool + 1, np.int64)
+        for i in range(npool):
+            SG[2 * i], SG[2 * i + 1] = offs[f"down{i}"], offs[f"up{i}"]
+        SG[2 * npool] = f.add(acc)
+        SO = np.zeros((npool + 1, cfg.n_layers, 8), np.int64)
+        for l in range(npool + 1):
+            for j, (prefix, ns) in enumerate(model._layer_names(l)):
+                for k, n in enumerate(ns):
+                    SO[l, j, k] = offs[f"{prefix}.{n}"]
+        return f.array(), offs, SG, SO
+
+    def state_out(self, S: np.ndarray, offs: dict, like: ModelState, t: int) -> ModelState:
+        tensors = {}
+        for name in self.names:
+            ref = like.tensors[name]
+            a = S[offs[name]:offs[name] + ref.numel()].reshape(tuple(ref.shape))
+            tensors[name] = torch.from_numpy(a.copy()).to(ref.dtype)
+        return ModelState(t, tensors)
+
+
+class CpuFastEngine:
+    name = "cpu-fast"
+
+    def __init__(self, model: SaShiMi, batch_size: int, device=None) -> None:
+        self.packed = Packed(model.eval())
+        self.batch_size = batch_size
+        self.compile_seconds: float | None = None
+
+    def _scratch(self, B: int):
+        p = self.packed
+        cap, T = int(p.ci[K.C_CAP]), int(p.ci[K.C_T])
+        ffe = int(p.ci[K.C_FFE])
+        z = lambda n: np.zeros(n, np.float32)  # noqa: E731
+        return (z(T * B * cap), z(B * cap), z(B * cap), z(B * cap), z(B * cap), z(B * cap),
+                z(B * ffe * cap), z(B * p.tmp_size), z(B * p.tmp_size), z(B * 256), z(256),
+                z(256))
+
+    def generate(self, state: ModelState, first_token: np.ndarray, n: int, sampler: Sampler,
+                 progress: Callable[[int], None] | None = None,
+                 logits_out: np.ndarray | None = None) -> tuple[np.ndarray, ModelState]:
+        """n tokens (B, n) uint8 and the final state; `logits_out` (n, B, 256) gets the logits."""
+        p = self.packed
+        tok = np.array(first_token, dtype=np.int64).reshape(-1)
+        B = tok.shape[0]
+        S, offs, SG, SO = p.state_in(state)
+        Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt = self._scratch(B)
+        out = np.empty((B, n), np.uint8)
+        want = logits_out is not None
+        lbuf = np.zeros((CHUNK, B, 256), np.float32) if want else np.zeros((1, 1, 256), np.float32)
+        done, t = 0, state.t
+        # The next chunk's noise is drawn in a second thread while the kernel (nogil) runs.
+        pool = ThreadPoolExecutor(1)
+        pending = pool.submit(sampler.noise, min(CHUNK, n))
+        while done < n:
+            m = min(CHUNK, n - done)
+            noise = pending.result()
+            if done + m < n:
+                pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
+            t_start = time.perf_counter()
+            K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, t + done, m,
+                        noise, sampler.inv_temperature, sampler.top_k, sampler.top_p, out, done,
+                        want, lbuf, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt)
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - t_start
+            if want:
+                logits_out[done:done + m] = lbuf[:m]
+            done += m
+            if progress is not None:
+                progress(done)
+        pool.shutdown()
+        return out, p.state_out(S, offs, state, state.t + n)

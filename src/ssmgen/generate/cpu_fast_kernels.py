@@ -1,0 +1,457 @@
+"""Numba kernels of the cpu-fast engine: the whole SaShiMi recurrent step over flat float32 arrays.
+
+Every array is 1-D; `cpu_fast.py` packs the weights (`W`) and state (`S`) and passes int64 offset
+tables. Activations are (B, CAP) row-major scratch buffers. Matrix-vector products are axpys over
+rows of the transposed weight (contiguous inner loop over outputs, which LLVM vectorizes with
+fastmath), looping the batch inside so each weight row is read once per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
+
+# Backend kinds
+S4D, S4, MAMBA = 0, 1, 2
+
+# LO (per layer weight offsets) fields
+N1G, N1B, OLW, OLB, N2G, N2B, F1W, F1B, F2W, F2B, BK = range(11)  # BK: first backend field
+# GO (global weight offsets) fields; pool i uses 8 + 4 i .. 11 + 4 i
+G_EMB, G_NG, G_NB, G_HW, G_HB, G_T0 = range(6)
+# CI (config ints) fields
+C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP, C_N, C_R, C_E, C_K = range(11)
+
+
+@njit(**JIT)
+def linear(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride, B):
+    """O[b, o] = bias[o] + sum_i X[b, i] W[i, o], W stored (nin, nout) row-major at woff.
+    Slices and range indices (never a possibly negative offset) let LLVM drop the wrap-around
+    checks and vectorize the contiguous inner loop."""
+    Wt = W[woff:woff + nin * nout].reshape(nin, nout)
+    bias = W[boff:boff + nout]
+    for b in range(B):
+        orow = O[ooff + b * ostride:ooff + b * ostride + nout]
+        xrow = X[xoff + b * xstride:xoff + b * xstride + nin]
+        for o in range(nout):
+            orow[o] = bias[o]
+        for i in range(nin):
+            xi = xrow[i]
+            for o in range(nout):
+                orow[o] += xi * Wt[i, o]
+
+
+@njit(**JIT)
+def layernorm(X, O, W, goff, bboff, n, B, cap):
+    g = W[goff:goff + n]
+    bb = W[bboff:bboff + n]
+    for b in range(B):
+        x = X[b * cap:b * cap + n]
+        o = O[b * cap:b * cap + n]
+        m = np.float32(0.0)
+        for i in range(n):
+            m += x[i]
+        m /= n
+        v = np.float32(0.0)
+        for i in range(n):
+            d = x[i] - m
+            v += d * d
+        v /= n
+        inv = np.float32(1.0) / math.sqrt(v + np.float32(1e-5))
+        for i in range(n):
+            o[i] = (x[i] - m) * inv * g[i] + bb[i]
+
+
+@njit(**JIT)
+def gelu(X, n, B, cap):
+    """Exact (erf) GELU, with erf as a float32 rational approximation on [-4, 4] (Eigen's; within
+    2e-6 of torch's GELU) that vectorizes, unlike a call to libm's erf (3.5x slower here)."""
+    for b in range(B):
+        x = X[b * cap:b * cap + n]
+        for i in range(n):
+            v = x[i]
+            z = v * np.float32(0.7071067811865476)
+            z = min(max(z, np.float32(-4.0)), np.float32(4.0))
+            z2 = z * z
+            p = z2 * np.float32(-2.72614225801306e-10) + np.float32(2.77068142495902e-08)
+            p = z2 * p + np.float32(-2.10102402082508e-06)
+            p = z2 * p + np.float32(-5.69250639462346e-05)
+            p = z2 * p + np.float32(-7.34990630326855e-04)
+            p = z2 * p + np.float32(-2.95459980854025e-03)
+            p = z2 * p + np.float32(-1.60960333262415e-02)
+            q = z2 * np.float32(-1.45660718464996e-05) + np.float32(-2.13374055278905e-04)
+            q = z2 * q + np.float32(-1.68282697438203e-03)
+            q = z2 * q + np.float32(-7.37332916720468e-03)
+            q = z2 * q + np.float32(-1.42647390514189e-02)
+            x[i] = np.float32(0.5) * v * (np.float32(1.0) + z * p / q)
+
+
+@njit(**JIT)
+def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
+    """Diagonal complex SSM: s = dA s + dB u, y = 2 Re(C s) + D u (C stored doubled)."""
+    M = w * N2
+    dar = W[lo[0]:lo[0] + M].reshape(w, N2)
+    dai = W[lo[1]:lo[1] + M].reshape(w, N2)
+    dbr = W[lo[2]:lo[2] + M].reshape(w, N2)
+    dbi = W[lo[3]:lo[3] + M].reshape(w, N2)
+    cr = W[lo[4]:lo[4] + M].reshape(w, N2)
+    ci = W[lo[5]:lo[5] + M].reshape(w, N2)
+    dd = W[lo[6]:lo[6] + w]
+    for b in range(B):
+        sr = S[so[0] + b * M:so[0] + (b + 1) * M].reshape(w, N2)
+        si = S[so[1] + b * M:so[1] + (b + 1) * M].reshape(w, N2)
+        u_ = U[b * cap:b * cap + w]
+        y_ = Y[b * cap:b * cap + w]
+        for h in range(w):
+            u = u_[h]
+            acc = np.float32(0.0)
+            for n in range(N2):
+                r = sr[h, n]
+                i = si[h, n]
+                nr = dar[h, n] * r - dai[h, n] * i + dbr[h, n] * u
+                ni = dar[h, n] * i + dai[h, n] * r + dbi[h, n] * u
+                sr[h, n] = nr
+                si[h, n] = ni
+                acc += cr[h, n] * nr - ci[h, n] * ni
+            y_[h] = acc + dd[h] * u
+
+
+@njit(**JIT)
+def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, tmp):
+    """Mamba (mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise conv, silu;
+    x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
+    y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), y [4E, 5E),
+    dt [5E, 6E), dbc [6E, 6E + R + 2N)."""
+    linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
+    convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
+    convb = W[lo[3]:lo[3] + E]
+    Kp = Kc - 1  # the conv state holds the last d_conv - 1 pre-conv inputs
+    for b in range(B):
+        cs = S[so[0] + b * E * Kp:so[0] + (b + 1) * E * Kp].reshape(E, Kp)
+        xz = T1[b * tmp:b * tmp + 2 * E]
+        xc = T1[b * tmp + 2 * E:b * tmp + 3 * E]
+        for e in range(E):
+            acc = convb[e] + xz[e] * convw[e, Kp]
+            for k in range(Kp):
+                acc += cs[e, k] * convw[e, k]
+            for k in range(Kp - 1):
+                cs[e, k] = cs[e, k + 1]
+            if Kp > 0:
+                cs[e, Kp - 1] = xz[e]
+            xc[e] = acc / (np.float32(1.0) + math.exp(-acc))
+    linear(W, lo[4], lo[5], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
+    linear(W, lo[6], lo[7], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
+    A = W[lo[8]:lo[8] + E * N].reshape(E, N)
+    D = W[lo[9]:lo[9] + E]
+    for b in range(B):
+        h = S[so[1] + b * E * N:so[1] + (b + 1) * E * N].reshape(E, N)
+        r = b * tmp
+        xz = T1[r:r + 2 * E]
+        xc = T1[r + 2 * E:r + 3 * E]
+        y = T1[r + 4 * E:r + 5 * E]
+        dt = T1[r + 5 * E:r + 6 * E]
+        Bv = T1[r + 6 * E + R:r + 6 * E + R + N]
+        Cv = T1[r + 6 * E + R + N:r + 6 * E + R + 2 * N]
+        for e in range(E):
+            d = dt[e]
+            d = d if d > 20.0 else math.log1p(math.exp(d))  # softplus (torch's threshold 20)
+            dx = d * xc[e]
+            acc = np.float32(0.0)
+            for n in range(N):
+                hn = math.exp(d * A[e, n]) * h[e, n] + dx * Bv[n]
+                h[e, n] = hn
+                acc += hn * Cv[n]
+            z = xz[E + e]
+            y[e] = (acc + D[e] * xc[e]) * (z / (np.float32(1.0) + math.exp(-z)))
+    linear(W, lo[10], lo[11], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
+
+
+@njit(**JIT)
+def s4_rank1_row(Er, Ei, Gr, Gi, pr, pi, GPr, GPi, B2r, B2i, Cr, Ci, D, Sinv, xr_, xi_, vr, vi,
+                 u_, y_, w, N2):
+    for h in range(w):
+        u = u_[h]
+        xr = xr_[h]
+        xi = xi_[h]
+        a = np.float32(0.0)
+        for n in range(N2):
+            a += xr[n] * pr[n] + xi[n] * pi[n]
+        a *= 2
+        c = np.float32(0.0)
+        for n in range(N2):
+            wr = Er[h, n] * xr[n] - Ei[h, n] * xi[n] + B2r[n] * u - a * pr[n]
+            wi = Er[h, n] * xi[n] + Ei[h, n] * xr[n] + B2i[n] * u - a * pi[n]
+            v1 = Gr[h, n] * wr - Gi[h, n] * wi
+            v2 = Gr[h, n] * wi + Gi[h, n] * wr
+            vr[n] = v1
+            vi[n] = v2
+            c += v1 * pr[n] + v2 * pi[n]
+        bb = Sinv[h, 0, 0] * 2 * c
+        acc = np.float32(0.0)
+        for n in range(N2):
+            nr = vr[n] - bb * GPr[h, 0, n]
+            ni = vi[n] - bb * GPi[h, 0, n]
+            xr[n] = nr
+            xi[n] = ni
+            acc += Cr[h, n] * nr - Ci[h, n] * ni
+        y_[h] = acc + D[h] * u
+
+
+@njit(**JIT)
+def s4_step(W, lo, S, so, U, Y, w, N2, B, cap, T1, tmp):
+    """S4 DPLR, the O(N) Woodbury step of backends/s4.py (`S4.advance`), per channel:
+    a = 2 Re(P^* x); w = E x - P a + 2 B u; v = G w; c = 2 Re(P^* v); x' = v - GP Sinv c;
+    y = 2 Re(C x') + D u (C stored doubled). P (R, N/2) and B are shared by the channels."""
+    R = lo[15]
+    M = w * N2
+    Er = W[lo[0]:lo[0] + M].reshape(w, N2)
+    Ei = W[lo[1]:lo[1] + M].reshape(w, N2)
+    Gr = W[lo[2]:lo[2] + M].reshape(w, N2)
+    Gi = W[lo[3]:lo[3] + M].reshape(w, N2)
+    Pr = W[lo[4]:lo[4] + R * N2].reshape(R, N2)
+    Pi = W[lo[5]:lo[5] + R * N2].reshape(R, N2)
+    GPr = W[lo[6]:lo[6] + M * R].reshape(w, R, N2)
+    GPi = W[lo[7]:lo[7] + M * R].reshape(w, R, N2)
+    B2r = W[lo[8]:lo[8] + N2]
+    B2i = W[lo[9]:lo[9] + N2]
+    Cr = W[lo[10]:lo[10] + M].reshape(w, N2)
+    Ci = W[lo[11]:lo[11] + M].reshape(w, N2)
+    D = W[lo[12]:lo[12] + w]
+    Sinv = W[lo[13]:lo[13] + w * R * R].reshape(w, R, R)
+    for b in range(B):
+        xr_ = S[so[0] + b * M:so[0] + (b + 1) * M].reshape(w, N2)
+        xi_ = S[so[1] + b * M:so[1] + (b + 1) * M].reshape(w, N2)
+        vr = T1[b * tmp:b * tmp + N2]
+        vi = T1[b * tmp + N2:b * tmp + 2 * N2]
+        ac = T1[b * tmp + 2 * N2:b * tmp + 2 * N2 + R]
+        bc = T1[b * tmp + 2 * N2 + R:b * tmp + 2 * N2 + 2 * R]
+        u_ = U[b * cap:b * cap + w]
+        y_ = Y[b * cap:b * cap + w]
+        if R == 1:  # the usual rank: loops without the inner rank loop vectorize
+            s4_rank1_row(Er, Ei, Gr, Gi, Pr[0], Pi[0], GPr, GPi, B2r, B2i, Cr, Ci, D, Sinv,
+                         xr_, xi_, vr, vi, u_, y_, w, N2)
+            continue
+        for h in range(w):
+            u = u_[h]
+            xr = xr_[h]
+            xi = xi_[h]
+            for r in range(R):
+                acc = np.float32(0.0)
+                for n in range(N2):
+                    acc += xr[n] * Pr[r, n] + xi[n] * Pi[r, n]
+                ac[r] = 2 * acc
+            for n in range(N2):
+                wr = Er[h, n] * xr[n] - Ei[h, n] * xi[n] + B2r[n] * u
+                wi = Er[h, n] * xi[n] + Ei[h, n] * xr[n] + B2i[n] * u
+                for r in range(R):
+                    wr -= ac[r] * Pr[r, n]
+                    wi -= ac[r] * Pi[r, n]
+                vr[n] = Gr[h, n] * wr - Gi[h, n] * wi
+                vi[n] = Gr[h, n] * wi + Gi[h, n] * wr
+            for r in range(R):
+                acc = np.float32(0.0)
+                for n in range(N2):
+                    acc += vr[n] * Pr[r, n] + vi[n] * Pi[r, n]
+                ac[r] = 2 * acc
+            for r in range(R):
+                acc = np.float32(0.0)
+                for q in range(R):
+                    acc += Sinv[h, r, q] * ac[q]
+                bc[r] = acc
+            acc = np.float32(0.0)
+            for n in range(N2):
+                nr = vr[n]
+                ni = vi[n]
+                for r in range(R):
+                    nr -= bc[r] * GPr[h, r, n]
+                    ni -= bc[r] * GPi[h, r, n]
+                xr[n] = nr
+                xi[n] = ni
+                acc += Cr[h, n] * nr - Ci[h, n] * ni
+            y_[h] = acc + D[h] * u
+
+
+@njit(**JIT)
+def backend_step(kind, W, lo, S, so, U, Y, w, ci, B, cap, T1, T2):
+    if kind == S4D:
+        s4d_step(W, lo, S, so, U, Y, w, ci[C_N], B, cap)
+    elif kind == S4:
+        s4_step(W, lo, S, so, U, Y, w, ci[C_N], B, cap, T1, T1.shape[0] // B)
+    elif kind == MAMBA:
+        mamba_step(W, lo, S, so, U, Y, w, ci[C_N], lo[12], ci[C_E] * w, ci[C_K], B, cap, T1,
+                   T1.shape[0] // B)
+
+
+@njit(**JIT)
+def run_tier(l, W, LO, S, SO, ci, X, Y, Hn, U, O, HID, T1, T2, w, B):
+    """Y = tier_l(X) (both (B, cap) buffers)."""
+    cap = ci[C_CAP]
+    nl, ffe, glu = ci[C_NL], ci[C_FFE], ci[C_GLU]
+    for b in range(B):
+        for i in range(w):
+            Y[b * cap + i] = X[b * cap + i]
+    for j in range(nl):
+        lo = LO[l, j]
+        layernorm(Y, Hn, W, lo[N1G], lo[N1B], w, B, cap)
+        backend_step(ci[C_KIND], W, lo[BK:], S, SO[l, j], Hn, U, w, ci, B, cap, T1, T2)
+        if ci[C_OUTPROJ]:
+            for b in range(B):
+                for i in range(w):
+                    Y[b * cap + i] += U[b * cap + i]
+        else:
+            gelu(U, w, B, cap)
+            linear(W, lo[OLW], lo[OLB], w, w * (1 + glu), U, 0, cap, O, 0, cap, B)
+            for b in range(B):
+                r = b * cap
+                if glu:
+                    for i in range(w):
+                        Y[r + i] += O[r + i] / (1.0 + math.exp(-O[r + w + i]))
+                else:
+                    for i in range(w):
+                        Y[r + i] += O[r + i]
+        layernorm(Y, Hn, W, lo[N2G], lo[N2B], w, B, cap)
+        linear(W, lo[F1W], lo[F1B], w, ffe * w, Hn, 0, cap, HID, 0, ffe * cap, B)
+        gelu(HID, ffe * w, B, ffe * cap)
+        linear(W, lo[F2W], lo[F2B], ffe * w, w, HID, 0, ffe * cap, O, 0, cap, B)
+        for b in range(B):
+            r = b * cap
+            for i in range(w):
+                Y[r + i] += O[r + i]
+    for b in range(B):
+        for i in range(w):
+            Y[b * cap + i] += X[b * cap + i]
+
+
+@njit(**JIT)
+def select_token(L, g, inv_temp, top_k, top_p, z, srt):
+    """Gumbel-max over the allowed set (same rules as sampling.select_torch). L, g: (256,)."""
+    n = L.shape[0]
+    if inv_temp == 0.0:
+        for i in range(n):
+            z[i] = L[i]
+    else:
+        for i in range(n):
+            z[i] = L[i] * np.float32(inv_temp)
+    if 0 < top_k < n:
+        srt[:] = np.sort(z)
+        kth = srt[n - top_k]
+        for i in range(n):
+            if z[i] < kth:
+                z[i] = -np.inf
+    if top_p < 1.0 and inv_temp != 0.0:
+        m = -np.inf
+        for i in range(n):
+            m = max(m, z[i])
+        tot = np.float32(0.0)
+        for i in range(n):
+            srt[i] = math.exp(z[i] - m)
+            tot += srt[i]
+        for i in range(n):
+            srt[i] = srt[i] / tot
+        order = np.argsort(-srt, kind="mergesort")
+        c = np.float32(0.0)
+        for r in range(n):
+            i = order[r]
+            if c >= top_p:
+                z[i] = -np.inf
+            c += srt[i]
+    best = 0
+    bv = -np.inf
+    for i in range(n):
+        v = z[i] if inv_temp == 0.0 else z[i] + g[i]
+        if v > bv:
+            bv = v
+            best = i
+    return best
+
+
+@njit(**JIT)
+def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_temp, top_k, top_p,
+              out, out_col, want_logits, logits_out, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt):
+    """n steps of the model from absolute step t0: feed tok (B,), sample, feed the sample.
+    Writes tokens to out[b, out_col + s] and (if want_logits) logits to logits_out[s, b]."""
+    B = tok.shape[0]
+    cap = ci[C_CAP]
+    T = ci[C_T]
+    npool = T - 1
+    w0 = widths[0]
+    frame = 1
+    for i in range(npool):
+        frame *= pool[i]
+    for s in range(n):
+        t = t0 + s
+        # ---- down path: embedding, pooled inputs of the tiers that run now ----
+        top = 0
+        period = 1
+        for b in range(B):
+            e = GO[G_EMB] + tok[b] * w0
+            for c in range(w0):
+                Xs[b * cap + c] = W[e + c]
+        for i in range(npool):
+            p = pool[i]
+            wi = widths[i]
+            wn = widths[i + 1]
+            pos = (t // period) % p
+            buf = SG[2 * i]
+            xo = i * B * cap
+            for b in range(B):
+                for c in range(wi):
+                    S[buf + b * p * wi + pos * wi + c] = Xs[xo + b * cap + c]
+            if i == 0:  # the first pool's linear map of a token is a table row: accumulate it
+                acc = SG[2 * npool]
+                for b in range(B):
+                    tr = GO[G_T0] + (pos * 256 + tok[b]) * wn
+                    for c in range(wn):
+                        S[acc + b * wn + c] += W[tr + c]
+            if pos != p - 1:
+                break
+            xn = (i + 1) * B * cap
+            if i == 0:
+                acc = SG[2 * npool]
+                bo = GO[9]
+                for b in range(B):
+                    for c in range(wn):
+                        Xs[xn + b * cap + c] = S[acc + b * wn + c] + W[bo + c]
+                        S[acc + b * wn + c] = 0.0
+            else:
+                linear(W, GO[8 + 4 * i], GO[9 + 4 * i], p * wi, wn, S, buf, p * wi,
+                       Xs, xn, cap, B)
+            for b in range(B):
+                for c in range(p * wi):
+                    S[buf + b * p * wi + c] = 0.0
+            period *= p
+            top = i + 1
+        # ---- centre, then up path ----
+        if top == npool:
+            run_tier(npool, W, LO, S, SO, ci, Xs[npool * B * cap:], Y, Hn, U, O, HID, T1, T2,
+                     widths[npool], B)
+        period = frame
+        for i in range(npool - 1, -1, -1):
+            period //= pool[i]
+            if i > top:
+                continue
+            p = pool[i]
+            wi = widths[i]
+            pos = (t // period) % p
+            ub = SG[2 * i + 1]
+            xo = i * B * cap
+            for b in range(B):
+                for c in range(wi):
+                    Z[b * cap + c] = S[ub + b * p * wi + pos * wi + c] + Xs[xo + b * cap + c]
+            if i < top:  # the coarser tier ran: refresh this pool's pieces
+                linear(W, GO[10 + 4 * i], GO[11 + 4 * i], widths[i + 1], p * wi, Y, 0, cap,
+                       S, ub, p * wi, B)
+            run_tier(i, W, LO, S, SO, ci, Z, Y, Hn, U, O, HID, T1, T2, wi, B)
+        # ---- head and sampling ----
+        layernorm(Y, Hn, W, GO[G_NG], GO[G_NB], w0, B, cap)
+        linear(W, GO[G_HW], GO[G_HB], w0, 256, Hn, 0, cap, Lg, 0, 256, B)
+        for b in range(B):
+            lg = Lg[b * 256:(b + 1) * 256]
+            if want_logits:
+                logits_out[s, b, :] = lg
+            k = select_token(lg, noise[s, b], inv_temp, top_k, top_p, zs, srt)
+            tok[b] = k
+            out[b, out_col + s] = k

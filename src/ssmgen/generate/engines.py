@@ -1,0 +1,71 @@
+"""The engine registry.
+
+An engine continues a `ModelState` token by token::
+
+    engine = create_engine("auto", model, batch_size=B, device="cpu")
+    tokens, state = engine.generate(state, first_token, n, sampler, progress)
+
+- ``torch``: eager `model.step` loop (the reference, any device);
+- ``cpu-fast``: the whole recurrent model packed into flat arrays, 16-sample blocks run by one
+  numba function, sampling included (CPU only);
+- ``auto``: the fastest engine available for the device (cpu-fast on a CPU where numba imports).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ssmgen.errors import UserError
+from ssmgen.generate.sampling import Sampler
+from ssmgen.model import ModelState, SaShiMi
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, state: ModelState, first_token: np.ndarray, n: int, sampler: Sampler,
+                 progress: Callable[[int], None] | None = None
+                 ) -> tuple[np.ndarray, ModelState]: ...
+
+
+def _numba_ok() -> bool:
+    try:
+        import numba  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available_engines(device: str | torch.device | None = None) -> list[str]:
+    """Engines usable here (for `device`, default CPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    names = ["torch"]
+    if dev.type == "cpu" and _numba_ok():
+        names.append("cpu-fast")
+    return names
+
+
+def _resolve(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "cpu-fast" if "cpu-fast" in available_engines(device) else "torch"
+
+
+def create_engine(name: str, model: SaShiMi, batch_size: int, device=None) -> Engine:
+    """An engine by name ('auto', 'torch', 'cpu-fast'). Raises UserError for one that is unknown
+    or unusable on `device`."""
+    dev = torch.device(device) if device is not None else model.head.weight.device
+    resolved = _resolve(name, dev)
+    if resolved == "torch":
+        from ssmgen.generate.torch_engine import TorchEngine
+        return TorchEngine(model, batch_size, dev)
+    if resolved == "cpu-fast":
+        if resolved not in available_engines(dev):
+            raise UserError(f"engine 'cpu-fast' needs numba and a CPU device (got {dev})")
+        from ssmgen.generate.cpu_fast import CpuFastEngine
+        return CpuFastEngine(model, batch_size)
+    raise UserError(f"unknown engine '{name}': use auto or one of "
+                    f"{', '.join(available_engines(dev))}")

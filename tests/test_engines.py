@@ -1,0 +1,162 @@
+"""Generation engines and sampling: cpu-fast reproduces the torch reference token for token."""
+
+import numpy as np
+import pytest
+import torch
+
+from ssmgen.config import load_config
+from ssmgen.errors import UserError
+from ssmgen.generate import Sampler, available_engines, create_engine
+from ssmgen.generate.cpu_fast_kernels import select_token
+from ssmgen.generate.sampling import allowed_mask_torch, select_torch
+from ssmgen.model import SaShiMi
+from helpers import BACKENDS, perturb, require_backend
+
+B = 2
+
+
+def tiny(name, seed=0):
+    require_backend(name)
+    torch.manual_seed(seed)
+    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2"]).model
+    return perturb(SaShiMi(cfg), scale=0.05, seed=seed).eval()
+
+
+def prompt_state(model, length=37, batch=B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 256, (batch, length), generator=g)
+    with torch.no_grad():
+        _, state = model.forward_with_state(tokens, model.initial_state(batch))
+    return tokens, state
+
+
+def run(engine, model, state, first, n, sampler, batch=B):
+    eng = create_engine(engine, model, batch, "cpu")
+    logits = np.zeros((n, batch, 256), np.float32)
+    toks, final = eng.generate(state, first, n, sampler, logits_out=logits)
+    return toks, final, logits
+
+
+def assert_states_close(a, b, tol=1e-4):
+    assert a.t == b.t and a.names() == b.names()
+    for k in a.tensors:
+        assert a.tensors[k].shape == b.tensors[k].shape, k
+        assert (a.tensors[k] - b.tensors[k]).abs().max().item() <= tol, k
+
+
+# --- cpu-fast against the torch reference -------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=40, top_p=0.9)])
+def test_cpu_fast_matches_torch(name, sampling):
+    model = tiny(name)
+    tokens, state = prompt_state(model, length=37)  # odd phase: t % 16 == 5
+    first = tokens[:, -1].numpy()
+    n = 16 * 3 + 7
+    ref = run("torch", model, state, first, n, Sampler(seed=5, batch_size=B, **sampling))
+    fast = run("cpu-fast", model, state, first, n, Sampler(seed=5, batch_size=B, **sampling))
+    np.testing.assert_array_equal(ref[0], fast[0])
+    assert np.abs(ref[2] - fast[2]).max() <= 1e-4
+    assert_states_close(ref[1], fast[1])
+    assert fast[1].t == 37 + n
+
+
+def test_cpu_fast_continues_across_calls_and_rows_are_independent_of_batch():
+    model = tiny("s4d")
+    tokens, state = prompt_state(model, length=21)
+    first = tokens[:, -1].numpy()
+    eng = create_engine("cpu-fast", model, B, "cpu")
+    whole, s_whole = eng.generate(state, first, 40, Sampler(seed=2, batch_size=B))
+    sampler = Sampler(seed=2, batch_size=B)
+    a, s = eng.generate(state, first, 13, sampler)
+    b, s = eng.generate(s, a[:, -1].astype(np.int64), 27, sampler)
+    np.testing.assert_array_equal(whole, np.concatenate([a, b], 1))
+    assert_states_close(s_whole, s, tol=1e-6)
+    # Row 0 alone (batch 1, same state row) is the same audio as row 0 of the batch.
+    from ssmgen.model import ModelState
+    s0 = ModelState(state.t, {k: v[:1].clone() for k, v in state.tensors.items()})
+    one = create_engine("cpu-fast", model, 1, "cpu")
+    alone, _ = one.generate(s0, first[:1], 40, Sampler(seed=2, batch_size=1))
+    np.testing.assert_array_equal(alone[0], whole[0])
+
+
+def test_torch_engine_step_matches_forward_teacher_forced():
+    model = tiny("s4d")
+    first = np.array([3, 250])
+    n = 16 * 2 + 3
+    toks, final, logits = run("torch", model, model.initial_state(B), first, n,
+                              Sampler(seed=0, batch_size=B))
+    assert toks.dtype == np.uint8 and toks.shape == (B, n) and final.t == n
+    inputs = torch.cat([torch.as_tensor(first)[:, None], torch.as_tensor(toks[:, :-1].astype(np.int64))], 1)
+    with torch.no_grad():
+        ref = model(inputs).numpy()
+    assert np.abs(ref.transpose(1, 0, 2) - logits).max() <= 1e-4
+
+
+def test_registry():
+    model = tiny("s4d")
+    assert {"torch", "cpu-fast"} <= set(available_engines("cpu"))
+    assert create_engine("auto", model, 1, "cpu").name == "cpu-fast"
+    assert create_engine("torch", model, 1, "cpu").name == "torch"
+    with pytest.raises(UserError, match="unknown engine"):
+        create_engine("nope", model, 1, "cpu")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_noise_is_gumbel_and_per_row_independent_of_batch_size():
+    s1, s4 = Sampler(seed=7, batch_size=1), Sampler(seed=7, batch_size=4)
+    assert s1.seeds[0] == s4.seeds[0] and len(set(s4.seeds)) == 4
+    a = np.concatenate([s1.noise(5), s1.noise(11)])  # drawing in pieces = drawing at once
+    b = s4.noise(16)
+    np.testing.assert_array_equal(a[:, 0], b[:, 0])
+    np.testing.assert_array_equal(Sampler(row_seeds=[s4.seeds[2]]).noise(16)[:, 0], b[:, 2])
+    g = Sampler(seed=1).noise(2000).ravel()
+    assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi ** 2 / 6) < 0.03
+
+
+def test_top_k_1_and_zero_temperature_are_argmax():
+    logits = torch.randn(8, 256)
+    g = torch.from_numpy(Sampler(seed=0, batch_size=8).noise(1)[0])
+    assert torch.equal(select_torch(logits, g, 1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(select_torch(logits, g, 0.0), logits.argmax(-1))
+    assert torch.equal(select_torch(logits, g, 1e4), logits.argmax(-1))  # temperature 1e-4
+
+
+def test_top_p_keeps_the_smallest_sufficient_set():
+    p = torch.tensor([0.5, 0.05, 0.3, 0.1, 0.05] + [0.0] * 251) + 1e-12
+    z = p.log()[None]
+    keep = allowed_mask_torch(z, 0, 0.75)[0]
+    assert set(torch.nonzero(keep).ravel().tolist()) == {0, 2}
+    keep = allowed_mask_torch(z, 0, 0.85)[0]
+    assert set(torch.nonzero(keep).ravel().tolist()) == {0, 2, 3}
+    keep = allowed_mask_torch(z, 2, 1.0)[0]
+    assert set(torch.nonzero(keep).ravel().tolist()) == {0, 2}
+
+
+def test_gumbel_max_samples_follow_softmax():
+    n = 20000
+    logits = torch.randn(256) * 2
+    logits[10:] -= 6  # concentrate the mass on 10 tokens
+    g = torch.from_numpy(Sampler(seed=3).noise(n)[:, 0])
+    toks = select_torch(logits.expand(n, 256), g, 1.0)
+    counts = torch.bincount(toks, minlength=256).double()
+    p = torch.softmax(logits.double(), -1)
+    big = p * n >= 20
+    chi2 = (((counts - n * p) ** 2) / (n * p))[big].sum().item()
+    dof = int(big.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5
+
+
+@pytest.mark.parametrize("params", [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.8), (0.9, 30, 0.5),
+                                    (0.0, 0, 1.0), (0.0, 5, 1.0)])
+def test_numba_selection_equals_torch(params):
+    inv_t = 0.0 if params[0] == 0 else 1.0 / params[0]
+    k, p = params[1], params[2]
+    rng = np.random.default_rng(0)
+    L = (rng.standard_normal((64, 256)) * 3).astype(np.float32)
+    g = Sampler(seed=9, batch_size=64).noise(1)[0]
+    ref = select_torch(torch.from_numpy(L), torch.from_numpy(g), inv_t, k, p).numpy()
+    z, srt = np.zeros(256, np.float32), np.zeros(256, np.float32)
+    got = [select_token(L[i], g[i], inv_t, k, p, z, srt) for i in range(64)]
+    np.testing.assert_array_equal(ref, got)
