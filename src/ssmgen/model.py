@@ -195,20 +195,22 @@ class SaShiMi(nn.Module):
         logits, _ = self._parallel(tokens, None)
         return logits
 
-    def forward_with_state(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+    def forward_with_state(self, tokens: Tensor, state: ModelState, *,
+                           logits: bool = True) -> tuple[Tensor | None, ModelState]:
         """Logits for `tokens` and the state after them, read in parallel. If the state is not at a
-        frame boundary (t % 16 != 0), the few samples up to the boundary are stepped first."""
+        frame boundary (t % 16 != 0), the few samples up to the boundary are stepped first.
+        `logits=False` skips the output head (reading a prompt needs only the state)."""
         outs = []
         while state.t % self.frame and tokens.shape[1]:
-            logits, state = self.step(tokens[:, 0], state)
-            outs.append(logits.unsqueeze(1))
+            out, state = self.step(tokens[:, 0], state)
+            outs.append(out.unsqueeze(1))
             tokens = tokens[:, 1:]
         if tokens.shape[1]:
-            logits, state = self._parallel(tokens, state)
-            outs.append(logits)
-        return torch.cat(outs, dim=1), state
+            out, state = self._parallel(tokens, state, head=logits)
+            outs.append(out)
+        return (torch.cat(outs, dim=1) if logits else None), state
 
-    def _parallel(self, tokens: Tensor, state: ModelState | None):
+    def _parallel(self, tokens: Tensor, state: ModelState | None, head: bool = True):
         cfg, B = self.cfg, tokens.shape[0]
         S = state.tensors if state is not None else None
         new: dict[str, Tensor] = {}
@@ -231,7 +233,7 @@ class SaShiMi(nn.Module):
                 new[f"up{i}"] = (up.linear(y[:, -1]).reshape(B, cfg.pool[i], -1)
                                  if y.shape[1] else prev)
             y = self._run_tier(i, z, S, new)
-        logits = self.head(self.norm(y))
+        logits = self.head(self.norm(y)) if head else None
         if state is None:
             return logits, None
         return logits, ModelState(state.t + tokens.shape[1], self._ordered(new))

@@ -33,7 +33,7 @@ def read_prompt(model, prompt: np.ndarray, num: int):
     if len(prompt) == 0:
         return state, np.full(num, 128, dtype=np.int64)
     inputs = torch.from_numpy(shift_inputs(prompt[None])).to(device).expand(num, -1)
-    _, state = model.forward_with_state(inputs.contiguous(), state)
+    _, state = model.forward_with_state(inputs.contiguous(), state, logits=False)
     return state, np.full(num, int(prompt[-1]), dtype=np.int64)
 
 
