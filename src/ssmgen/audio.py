@@ -7,7 +7,6 @@ Everything here works on numpy arrays; nothing imports torch, so the data pipeli
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ssmgen.atomic import atomic_output
 from ssmgen.errors import UserError
 
 MU = 255  # mu-law constant for 8-bit audio, as in the SaShiMi reference
@@ -186,31 +186,17 @@ def write_wav(path: str | os.PathLike, x: np.ndarray, rate: int, *, overwrite: b
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists (use --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), rate,
+    with atomic_output(path) as tmp:
+        sf.write(str(tmp), np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), rate,
                  subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -7,13 +7,12 @@ weights, the full resolved config, the data format (rate, encoding, normalizatio
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ssmgen.atomic import atomic_output
 from ssmgen.errors import UserError
 
 FORMAT = "ssmgen-checkpoint"
@@ -23,18 +22,9 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` (plain data and tensors) to `path` atomically: temp file, fsync, rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, fsync=True) as tmp:
+        torch.save(data, tmp)
     return path
 
 

@@ -212,8 +212,10 @@ def train(
         raise UserError("--resume needs --out RUN_FOLDER")
     cfg = load_config(preset, backend=backend, overrides=overrides)
     result = run_training(data, cfg, out_dir, resume=resume, progress=not quiet)
-    out.print(f"trained {result['steps']} steps ({result['stopped']}); best val bpb "
-              f"{result['best_bpb']:.4f}; run folder {result['run']}", highlight=False)
+    best = (f"best val bpb {result['best_bpb']:.4f}" if result["best_bpb"] < float("inf")
+            else "no validation split to score")
+    out.print(f"trained {result['steps']} steps ({result['stopped']}); {best}; run folder "
+              f"{result['run']}", highlight=False)
 
 
 @command(name="eval")

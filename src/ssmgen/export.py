@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmgen import __version__
+from ssmgen.atomic import atomic_output
 from ssmgen.errors import UserError
 
 DEFAULT_OPSET = 20
@@ -279,21 +280,15 @@ def export_onnx(checkpoint, out, *, opset: int = DEFAULT_OPSET, block: bool = Tr
     model.eval()
     names = model.state_names()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     t0 = time.perf_counter()
-    try:
-        _trace(model, tmp, opset, block)
+    with atomic_output(out) as tmp:  # a graph that fails verification is never written
+        _trace(model, str(tmp), opset, block)
         meta = _metadata(model, ckpt, opset, block)
-        _write_metadata(tmp, meta)
+        _write_metadata(str(tmp), meta)
         export_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        check = verify(model, tmp, block=block, steps=verify_steps)
+        check = verify(model, str(tmp), block=block, steps=verify_steps)
         verify_s = time.perf_counter() - t1
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"path": str(out), "checkpoint": ckpt["path"], "graph": "block" if block else "single",
             "backend": model.cfg.backend, "opset": opset, "block_size": model.frame,
             "size_bytes": out.stat().st_size, "state_names": names,

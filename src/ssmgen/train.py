@@ -222,7 +222,27 @@ def train(data: str | Path, cfg: Config, out: str | Path | None = None, *, resum
                    "best_bpb": best, "val": val or {}}
         save_checkpoint(ckpt_dir / f"{tag}.pt", payload)
 
+    def validate_and_save(loss_value: float) -> None:
+        nonlocal best, t_log, n_log
+        rate = n_log * cfg.train.batch_size * cfg.train.sample_len / (time.perf_counter() - t_log)
+        val = None
+        if is_main:
+            val = _validate(model, dataset, cfg, device)
+            if val:
+                schedule.on_validation(val["bpb"])
+                best = min(best, val["bpb"])
+            _append_metrics(run / "metrics.csv", step, elapsed, optimizer, loss_value, rate, val)
+            checkpoint("last", val)
+            if val is None or val["bpb"] <= best:
+                checkpoint("best", val)
+            _listening(run, model, dataset, cfg, step, device)
+        if world > 1:
+            _sync_schedule(schedule)
+        t_log, n_log = time.perf_counter(), 0
+        model.train()
+
     stop = _StopFlag()
+    validated_at, value = step, math.nan
     limit_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else math.inf
     max_steps = cfg.train.max_steps if cfg.train.max_steps is not None else 1 << 62
     reason = "max steps"
@@ -233,11 +253,11 @@ def train(data: str | Path, cfg: Config, out: str | Path | None = None, *, resum
         task = bar.add_task("training", total=cfg.train.max_steps, completed=step, loss=math.nan,
                             bpb=math.nan, unit="steps")
         while step < max_steps:
-            if time.perf_counter() - started >= limit_s:
-                reason = "time limit"
-                break
-            if stop.requested:
-                reason = "interrupted"
+            # Every rank must stop at the same step: rank 0's clock and Ctrl-C decide.
+            stopping = _agree(world, 2 if stop.requested else
+                              1 if time.perf_counter() - started >= limit_s else 0)
+            if stopping:
+                reason = "interrupted" if stopping == 2 else "time limit"
                 break
             seed = _step_seed(cfg.train.seed, step)
             inputs, targets = dataset.random_crops(cfg.train.batch_size, cfg.train.sample_len,
@@ -266,24 +286,13 @@ def train(data: str | Path, cfg: Config, out: str | Path | None = None, *, resum
             value = loss.item()
             bar.update(task, advance=1, loss=value, bpb=value / math.log(2))
             if step % cfg.train.val_every == 0 or step == max_steps:
-                rate = n_log * cfg.train.batch_size * cfg.train.sample_len / (time.perf_counter() - t_log)
-                val = None
-                if is_main:
-                    val = _validate(model, dataset, cfg, device)
-                    if val:
-                        schedule.on_validation(val["bpb"])
-                    best = min(best, val["bpb"]) if val else best
-                    _append_metrics(run / "metrics.csv", step, elapsed, optimizer, value, rate, val)
-                    checkpoint("last", val)
-                    if val and val["bpb"] <= best:
-                        checkpoint("best", val)
-                    _listening(run, model, dataset, cfg, step, device)
-                if world > 1:
-                    _sync_schedule(schedule)
-                t_log, n_log = time.perf_counter(), 0
-                model.train()
-    if is_main and (step % cfg.train.val_every or reason != "max steps"):
-        checkpoint("last", None)  # stopping between validations: keep every finished step
+                validate_and_save(value)
+                validated_at = step
+        if reason == "time limit" and step > validated_at:
+            validate_and_save(value)  # a timed run ends with a validated checkpoint too
+            validated_at = step
+    if is_main and step > validated_at:
+        checkpoint("last", None)  # interrupted between validations: keep every finished step
         if not (ckpt_dir / "best.pt").exists():
             checkpoint("best", None)
     if world > 1:
@@ -301,6 +310,16 @@ def _validate(model: SaShiMi, dataset: Dataset, cfg: Config, device) -> dict | N
         return None
     return evaluate_model(model, dataset, split, cfg.train.sample_len, device=device,
                           max_samples=cfg.train.val_max_samples, progress=False)
+
+
+def _agree(world: int, flag: int) -> int:
+    """Rank 0's `flag`, on every rank (one tiny broadcast per step under DDP)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([flag], dtype=torch.int64)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 def _sync_schedule(schedule: Schedule) -> None:
