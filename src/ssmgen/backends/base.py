@@ -83,3 +83,17 @@ class SequenceBackend(nn.Module):
             self._step_value = self.prepare_step()
             self._step_key = key
         return self._step_value
+
+
+class ComplexModeState:
+    """Mixin for layers whose state is d_state/2 complex modes per channel (conjugate pairs
+    implied), kept as two real tensors (re, im) of shape (batch, d_model, d_state / 2)."""
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
+        ref = next(self.parameters())
+        shape = (batch_size, self.d_model, self.d_state // 2)
+        kw = {"device": device or ref.device, "dtype": dtype or ref.dtype}
+        return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+
+    def state_names(self) -> list[str]:
+        return ["re", "im"]

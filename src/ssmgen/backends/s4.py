@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ssmgen.backends.base import SequenceBackend, State
+from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def causal_conv(u: Tensor, k: Tensor) -> Tensor:
 # The layer
 # ------------------------------------------------------------------------------------------------
 
-class S4(SequenceBackend):
+class S4(ComplexModeState, SequenceBackend):
     """S4 (DPLR, HiPPO-LegS init, bilinear) with D skip; no output projection of its own."""
 
     has_output_projection = False
@@ -190,16 +190,6 @@ class S4(SequenceBackend):
 
     def ssm_parameters(self) -> list[nn.Parameter]:
         return [self.log_A_real, self.A_imag, self.P, self.B, self.log_dt]
-
-    def state_names(self) -> list[str]:
-        return ["re", "im"]
-
-    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
-        shape = (batch_size, self.d_model, self.d_state // 2)
-        dtype = dtype or self.log_dt.dtype
-        device = device or self.log_dt.device
-        return (torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape, device=device, dtype=dtype))
 
     # --- parameters ------------------------------------------------------------------------------
     def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:

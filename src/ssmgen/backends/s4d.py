@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmgen.backends.base import SequenceBackend, State
+from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def causal_conv(u: Tensor, k: Tensor) -> Tensor:
 # The layer
 # ------------------------------------------------------------------------------------------------
 
-class S4D(SequenceBackend):
+class S4D(ComplexModeState, SequenceBackend):
     """Diagonal SSM layer with D skip. `init`: 'lin' (S4D-Lin, A_n = -1/2 + i pi n) or 'inv'
     (S4D-Inv, A_n = -1/2 + i N/pi (N/(2n+1) - 1)). dt is log-uniform in [dt_min, dt_max]."""
 
@@ -140,16 +140,6 @@ class S4D(SequenceBackend):
         u = x.transpose(1, 2)  # (B, H, L)
         y = causal_conv(u, self.kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u
         return y.transpose(1, 2)
-
-    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
-        shape = (batch_size, self.d_model, self.d_state // 2)
-        dtype = dtype or self.log_dt.dtype
-        device = device or self.log_dt.device
-        return (torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape, device=device, dtype=dtype))
-
-    def state_names(self) -> list[str]:
-        return ["re", "im"]
 
     def step_real(self) -> tuple[Tensor, ...]:
         """`prepare_step()` as real tensors (dA_re, dA_im, dB_re, dB_im, C_re, C_im, D), each
