@@ -1,7 +1,7 @@
 """Backend benchmark: forward+backward samples/s at L = 131072, H = 64 (batch 1), step time per
 sample, peak memory. Run by hand: `python bench/backends.py [--backends s4 s4d mamba] [--repeats 3]`.
 
-Peak memory is the process's peak RSS growth during the measurement (CPU) or
+Peak memory is the process's peak RSS (CPU; run one backend per process for a clean figure) or
 torch.cuda.max_memory_allocated (GPU). Prints markdown rows for docs/benchmarks.md.
 """
 
@@ -28,7 +28,6 @@ def bench(name: str, H: int, L: int, repeats: int, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = rss_mb()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -36,7 +35,7 @@ def bench(name: str, H: int, L: int, repeats: int, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mb() - base)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mb()
     layer.eval()
     steps = 2000
     with torch.no_grad(), torch.inference_mode():
