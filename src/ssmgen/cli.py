@@ -279,7 +279,8 @@ def continue_(
     for path in r["outputs"]:
         out.print(f"wrote {path} (+ {Path(path).with_suffix('.json').name})", highlight=False)
     out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in {r['elapsed_s']:.1f} s "
-              f"({r['real_time_factor']:.2f}x real time, engine {r['engine']})", highlight=False)
+              f"including the prompt read and any first-run compile; generation ran at "
+              f"{r['real_time_factor']:.2f}x real time (engine {r['engine']})", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------

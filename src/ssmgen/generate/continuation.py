@@ -41,7 +41,8 @@ def continue_tokens(model, prompt: np.ndarray, n_new: int, *, temperature: float
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, num: int | None = None,
                     engine: str = "auto",
                     progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Continue token prompts: `prompt` (1 or num, T) int64 -> (num, n_new) uint8 new tokens."""
+    """Continue token prompts: `prompt` (1 or num, T) int64 -> (num, n_new) uint8 new tokens.
+    `progress(done)` is called with the number of samples generated so far."""
     from ssmgen.generate.sampling import Sampler
 
     prompt = np.asarray(prompt, dtype=np.int64)
@@ -110,9 +111,19 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
         task = bar.add_task("continuing", total=n_new, unit="samples", rate=rate)
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           batch_size=num)
-        new, engine_name = _generate(model, prompt, n_new, sampler, engine, num,
-                                     lambda k: bar.update(task, advance=k))
+        marks: list[tuple[float, int]] = []  # (time, samples done so far) at each report
+
+        def report(done: int) -> None:  # engines report the cumulative count
+            marks.append((time.perf_counter(), int(done)))
+            bar.update(task, completed=int(done))
+
+        new, engine_name = _generate(model, prompt, n_new, sampler, engine, num, report)
     elapsed = time.perf_counter() - t0
+    # Steady-state speed: from the first report on (excludes prompt read and a first-run compile).
+    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+        speed = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+    else:
+        speed = n_new / elapsed if elapsed else 0.0
     seeds = sampler.seeds
     prompt_audio = decode(prompt.astype(np.uint8), fmt["encoding"])
     results = []
@@ -137,7 +148,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
         atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
         results.append(sidecar)
     return {"outputs": [str(p) for p in outputs], "engine": engine_name, "seconds_new": seconds,
-            "elapsed_s": elapsed, "real_time_factor": num * seconds / elapsed if elapsed else 0.0,
+            "elapsed_s": elapsed, "samples_per_s": speed, "real_time_factor": num * speed / rate,
             "prompt_seconds": (end - start) / rate, "variations": results}
 
 
