@@ -204,7 +204,7 @@ def frozen_step_caches(model):
         for m in model.modules():
             if not isinstance(m, SequenceBackend):
                 continue
-            for attr in ("step_cache", "step_real"):
+            for attr in ("step_real", "step_cache"):  # step_real reads step_cache: first
                 fn = getattr(m, attr, None)
                 if callable(fn):
                     value = fn()

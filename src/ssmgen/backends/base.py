@@ -17,7 +17,7 @@ moved to another device, loaded from a checkpoint), so it is never silently stal
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +35,7 @@ class SequenceBackend(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.d_model = d_model
-        self._step_key: tuple | None = None
-        self._step_value: Any = None
+        self._step_caches: dict[str, tuple[tuple, Any]] = {}
 
     # --- the three modes ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
@@ -68,22 +67,23 @@ class SequenceBackend(nn.Module):
         """Compute what `step` needs from the parameters (override). Called by `step_cache`."""
         return None
 
-    def step_cache(self) -> Any:
-        """`prepare_step()`, recomputed whenever a parameter changed since the last call.
+    def step_cache(self, prepare: Callable[[], Any] | None = None, slot: str = "step") -> Any:
+        """`prepare()` (default `prepare_step`), recomputed whenever a parameter changed since the
+        last call for this `slot` (a backend may keep several derived forms, each in its slot).
 
         The key is each parameter's storage and version counter: in-place updates (optimizer
         steps, `load_state_dict`) bump the version, `.to(device)` changes the storage. Under
         autograd nothing is cached, so gradients flow through the preparation.
         """
+        prepare = prepare or self.prepare_step
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self.prepare_step()
+            return prepare()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if key != self._step_key:
-            self._step_value = self.prepare_step()
-            self._step_key = key
-        return self._step_value
-
+        hit = self._step_caches.get(slot)
+        if hit is None or hit[0] != key:
+            hit = self._step_caches[slot] = (key, prepare())
+        return hit[1]
 
 class ComplexModeState:
     """Mixin for layers whose state is d_state/2 complex modes per channel (conjugate pairs

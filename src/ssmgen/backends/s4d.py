@@ -145,14 +145,7 @@ class S4D(ComplexModeState, SequenceBackend):
         """`prepare_step()` as real tensors (dA_re, dA_im, dB_re, dB_im, C_re, C_im, D), each
         (H, N/2) but D (H,), for the real-arithmetic `step` (exportable: ONNX has no complex).
         Cached like `step_cache()`: recomputed whenever a parameter changed."""
-        params = list(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._real_parts(self.prepare_step())
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if key != getattr(self, "_real_key", None):
-            self._real_value = self._real_parts(self.step_cache())
-            self._real_key = key
-        return self._real_value
+        return self.step_cache(lambda: self._real_parts(self.prepare_step()), slot="real")
 
     def _real_parts(self, prepared) -> tuple[Tensor, ...]:
         dA, dB, C = prepared
