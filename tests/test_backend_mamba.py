@@ -1,6 +1,8 @@
 """Mamba backend: scans against the Python-loop reference, step/parallel/hand-off agreement,
 numerical safety, and state_dict compatibility with mamba-ssm."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ from ssmgen import backends
 from ssmgen.backends.mamba import HAS_KERNELS, Mamba
 from ssmgen.backends.selective_scan import (selective_scan_chunked, selective_scan_ref,
                                             selective_scan_sequential)
+from ssmgen.backends.selective_scan_cpu import selective_scan_compiled
 
-FAST = [selective_scan_chunked, selective_scan_sequential]
+FAST = [selective_scan_chunked, selective_scan_sequential, selective_scan_compiled]
+CHUNKED = (selective_scan_chunked, selective_scan_compiled)  # the scans with a `chunk` option
 F64 = torch.float64
 
 
@@ -33,7 +37,7 @@ def scan_inputs(b=2, d=3, n=4, L=37, dt_scale=1.0, seed=0, grad=False):
 @pytest.mark.parametrize("L,chunk", [(1, None), (5, 8), (37, 8), (64, 16), (200, None)])
 def test_fast_scan_equals_reference(scan, L, chunk):
     u, dt, A, B, C, D, z, h0 = scan_inputs(L=L)
-    kw = {"chunk": chunk} if scan is selective_scan_chunked else {}
+    kw = {"chunk": chunk} if scan in CHUNKED and chunk else {}
     for h in (None, h0):
         y0, s0 = selective_scan_ref(u, dt, A, B, C, D, z, h)
         y1, s1 = scan(u, dt, A, B, C, D, z, h, **kw)
@@ -44,7 +48,7 @@ def test_fast_scan_equals_reference(scan, L, chunk):
 @pytest.mark.parametrize("scan", FAST)
 def test_fast_scan_gradients_equal_reference(scan):
     inputs = scan_inputs(L=45, grad=True)
-    kw = {"chunk": 8} if scan is selective_scan_chunked else {}
+    kw = {"chunk": 8} if scan in CHUNKED else {}  # 6 chunks, the last one short
     g = torch.Generator().manual_seed(1)
     wy, ws = torch.randn(2, 3, 45, generator=g, dtype=F64), torch.randn(2, 3, 4, generator=g,
                                                                          dtype=F64)
@@ -56,19 +60,33 @@ def test_fast_scan_gradients_equal_reference(scan):
         torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-9)
 
 
-def test_chunked_scan_gradcheck():
+@pytest.mark.parametrize("scan", CHUNKED)
+def test_chunked_scan_gradcheck(scan):
     inputs = scan_inputs(b=1, d=2, n=3, L=11, grad=True)
-    f = lambda *a: selective_scan_chunked(*a, chunk=4)  # noqa: E731 (3 chunks, one padded)
+    f = lambda *a: scan(*a, chunk=4)  # noqa: E731 (3 chunks, one padded)
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_compiled_scan_gradients_over_default_chunks_float32():
+    # the training configuration: float32, several default-size chunks, no start state
+    u, dt, A, B, C, D, z, _ = scan_inputs(b=2, d=5, n=16, L=300, grad=False)
+    a32 = [t.float().requires_grad_() for t in (u, dt, A, B, C, D, z)]
+    a64 = [t.detach().clone().requires_grad_() for t in (u, dt, A, B, C, D, z)]
+    grads = []
+    for f, args in ((selective_scan_ref, a64), (selective_scan_compiled, a32)):
+        y, s = f(*args)
+        grads.append(torch.autograd.grad(y.sin().sum() + s.sum(), args))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.double(), a, atol=2e-4, rtol=1e-4)
 
 
 def test_scan_is_safe_for_huge_steps_and_long_sequences():
     # dt * A sums reach ~ -1e6: any exp(-cumsum) trick overflows; the decays must just vanish.
     u, dt, A, B, C, D, z, h0 = scan_inputs(L=3000, dt_scale=300.0)
     y0, s0 = selective_scan_ref(u, dt, A, B, C, D, z, h0)
-    for dtype in (F64, torch.float32):
+    for dtype, scan in itertools.product((F64, torch.float32), CHUNKED):
         a = [t.to(dtype) for t in (u, dt, A, B, C, D, z, h0)]
-        y1, s1 = selective_scan_chunked(*a, chunk=64)
+        y1, s1 = scan(*a, chunk=64)
         assert torch.isfinite(y1).all() and torch.isfinite(s1).all()
         tol = 1e-12 if dtype == F64 else 1e-3
         torch.testing.assert_close(y1.double(), y0, atol=tol, rtol=tol)
@@ -170,22 +188,18 @@ def test_step_does_not_mutate_its_state():
         assert torch.equal(s, c)
 
 
-def test_layer_gradients_chunked_equal_reference_loop():
+@pytest.mark.parametrize("fast", ["chunked", "compiled", "auto"])
+def test_layer_gradients_equal_reference_loop(fast, monkeypatch):
+    import ssmgen.backends.mamba as mm
+    monkeypatch.setitem(mm.SCANS, "ref", selective_scan_ref)
     layer = make(4, F64, d_state=4)
-    x = torch.randn(2, 50, 4, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 150, 4, dtype=F64, requires_grad=True)
     grads = []
-    for scan in ("chunked", "ref"):
+    for scan in (fast, "ref"):
         layer.zero_grad()
-        if scan == "ref":  # route the layer through the reference loop
-            import ssmgen.backends.mamba as mm
-            old, mm.SCANS["chunked"] = mm.SCANS["chunked"], selective_scan_ref
-            try:
-                y = layer(x)
-            finally:
-                mm.SCANS["chunked"] = old
-        else:
-            y = layer(x)
-        (y * torch.linspace(-1, 1, 50, dtype=F64)[:, None]).sum().backward()
+        layer.scan = scan
+        y = layer(x)
+        (y * torch.linspace(-1, 1, 150, dtype=F64)[:, None]).sum().backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
         x.grad = None
     for a, b in zip(*grads):

@@ -98,6 +98,22 @@ def test_step_cache_is_never_stale(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_parallel_mode_without_grad_is_never_stale(name):
+    # convolution backends keep their kernel between no-grad calls: it must follow the weights
+    layer = make(name)
+    x = torch.randn(B, 40, H)
+    with torch.no_grad():
+        y0 = layer(x)
+        torch.testing.assert_close(layer(x), y0)  # cached: same result
+        for p in layer.ssm_parameters() or list(layer.parameters()):
+            p.mul_(1.3)
+        y1 = layer(x)
+    y2 = layer(x)  # with autograd: computed afresh
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, y2.detach())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_state_is_real_float_tensors(name):
     layer = make(name)
     for s in layer.initial_state(3):

@@ -169,6 +169,15 @@ def load_mono(path: str | os.PathLike, rate: int) -> tuple[np.ndarray, AudioInfo
     return x, info
 
 
+def load_song(path: str | os.PathLike, data_format: dict) -> tuple[np.ndarray, float, AudioInfo]:
+    """A whole song read as a model's training files were: (mono float32 audio at the model's
+    rate, the gain its normalization policy gives this song, what libsndfile said). The model's
+    tokens are `encode(audio * gain, data_format["encoding"])`."""
+    audio, info = load_mono(path, int(data_format["rate"]))
+    gain = normalization_gain(float(np.max(np.abs(audio))), data_format["normalization"])
+    return audio, gain, info
+
+
 def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Resample mono or (frames, channels) float audio with soxr (high quality)."""
     if from_rate == to_rate:

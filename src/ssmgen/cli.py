@@ -226,20 +226,34 @@ def eval_(
                                                    "trained on)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     max_samples: Optional[int] = typer.Option(None, help="Evaluate only this many samples."),
+    audio: Optional[List[Path]] = typer.Option(
+        None, "--audio", help="Score these audio files instead of a split (repeat the option; "
+                              "any format, rate, channels)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Bits per byte and top-1/3/5/10 accuracy of a model on a split."""
-    from ssmgen.evaluate import evaluate
+    """Bits per byte and top-1/3/5/10 accuracy of a model on a split or on audio files."""
+    from ssmgen.evaluate import evaluate, evaluate_audio
 
-    r = evaluate(model, split, data=data, device=device, max_samples=max_samples,
-                 progress=not (quiet or as_json))
+    show = not (quiet or as_json)
+    if audio:
+        r = evaluate_audio(model, list(audio), device=device, progress=show)
+    else:
+        r = evaluate(model, split, data=data, device=device, max_samples=max_samples,
+                     progress=show)
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    out.print(f"{r['split']}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
-              f"accuracy top-1 {r['acc1']:.1%}, top-3 {r['acc3']:.1%}, top-5 {r['acc5']:.1%}, "
-              f"top-10 {r['acc10']:.1%}", highlight=False)
+
+    def line(name: str, r: dict) -> None:
+        out.print(f"{name}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
+                  f"accuracy top-1 {r['acc1']:.1%}, top-3 {r['acc3']:.1%}, "
+                  f"top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}", highlight=False)
+    files = r.get("files", [])
+    if len(files) > 1:
+        for f in files:
+            line(f["file"], f)
+    line(files[0]["file"] if len(files) == 1 else "all files" if files else r["split"], r)
 
 
 # ------------------------------------------------------------------------------------------------

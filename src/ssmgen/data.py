@@ -116,18 +116,24 @@ class Dataset:
         tokens = self.tokens(split)
         seen = 0
         for seg in self.segments(split):
-            for start in range(0, seg.length, length):
-                n = min(length, seg.length - start)
-                if max_samples is not None:
-                    n = min(n, max_samples - seen)
-                if n <= 0:
-                    return
-                t = np.asarray(tokens[seg.offset + start: seg.offset + start + n], dtype=np.int64)
-                seen += n
-                yield shift_inputs(t[None]), t[None]
+            part = tokens[seg.offset: seg.offset + seg.length]
+            if max_samples is not None:
+                part = part[: max(0, max_samples - seen)]
+            if len(part) == 0:
+                return
+            seen += len(part)
+            yield from token_chunks(part, length)
 
     def split_samples(self, split: str) -> int:
         return sum(s.length for s in self.segments(split))
+
+
+def token_chunks(tokens: np.ndarray, length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One file's tokens as consecutive (inputs, targets) int64 (1, n) chunks of `length` (the
+    last one shorter), each aligned as a training crop (`shift_inputs`)."""
+    for start in range(0, len(tokens), length):
+        t = np.asarray(tokens[start: start + length], dtype=np.int64)
+        yield shift_inputs(t[None]), t[None]
 
 
 def shift_inputs(targets: np.ndarray) -> np.ndarray:

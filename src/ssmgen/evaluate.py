@@ -1,20 +1,22 @@
-"""Bits per byte and top-k accuracy of a model over a whole split.
+"""Bits per byte and top-k accuracy of a model over a whole split, or over any audio files.
 
 bits per byte = mean cross-entropy (nats) / ln 2 over every position of the split, computed in
 full-length chunks in parallel mode, aligned exactly as training crops are (`data.shift_inputs`).
+Audio files (`evaluate_audio`) are read as training files were and scored the same way: a song
+the model never heard is the honest held-out check.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmgen.data import Dataset
+from ssmgen.data import Dataset, token_chunks
 from ssmgen.errors import UserError
 from ssmgen.progress import progress_bar
 
@@ -22,23 +24,18 @@ TOPK = (1, 3, 5, 10)
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_len: int, *,
-                   device: torch.device | str = "cpu", max_samples: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or its first
-    `max_samples` positions)."""
-    total = dataset.split_samples(split)
-    if total == 0:
-        raise UserError(f"{dataset.root}: the {split} split is empty")
-    if max_samples is not None:
-        total = min(total, max_samples)
+def score_chunks(model: torch.nn.Module, chunks: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                 total: int, label: str, rate: int, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict[str, Any]:
+    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over (inputs, targets) chunks, each
+    read in parallel mode from a fresh state."""
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
     hits = dict.fromkeys(TOPK, 0)
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"eval {split}", total=total, unit="samples", rate=dataset.rate)
-        for inputs, targets in dataset.eval_chunks(split, chunk_len, max_samples):
+        task = bar.add_task(label, total=total, unit="samples", rate=rate)
+        for inputs, targets in chunks:
             x = torch.from_numpy(inputs).to(device)
             y = torch.from_numpy(targets).to(device)
             logits = model(x).float()
@@ -51,9 +48,26 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_l
             n += y.numel()
             bar.update(task, advance=y.numel())
     model.train(was_training)
+    if n == 0:
+        raise UserError(f"{label}: nothing to evaluate")
     out = {"bpb": nll / n / math.log(2), "samples": n}
     out.update({f"acc{k}": hits[k] / n for k in TOPK})
     return out
+
+
+def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_len: int, *,
+                   device: torch.device | str = "cpu", max_samples: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or its first
+    `max_samples` positions)."""
+    total = dataset.split_samples(split)
+    if total == 0:
+        raise UserError(f"{dataset.root}: the {split} split is empty")
+    if max_samples is not None:
+        total = min(total, max_samples)
+    return score_chunks(model, dataset.eval_chunks(split, chunk_len, max_samples), total=total,
+                        label=f"eval {split}", rate=dataset.rate, device=device,
+                        progress=progress)
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | None = None,
@@ -78,4 +92,39 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
                             progress=progress)
     result.update({"split": split, "checkpoint": ckpt["path"], "dataset": str(data_dir),
                    "step": int(ckpt.get("step", 0)), "chunk_len": length})
+    return result
+
+
+def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len: int | None = None,
+                   device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint on audio files (any format, rate and channels), each read exactly as
+    training files were (`audio.load_song`) and scored as an eval split is, in chunks of
+    `chunk_len` (default: the training chunk). Returns the overall figures and one entry per file
+    under 'files'."""
+    from ssmgen.audio import encode, load_song
+    from ssmgen.checkpoint import load_model
+    from ssmgen.train import resolve_device
+
+    if not files:
+        raise UserError("no audio files to evaluate")
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    fmt = ckpt["data_format"]
+    length = chunk_len or int(ckpt["config"]["train"]["sample_len"])
+    songs = []
+    for f in files:
+        audio, gain, _ = load_song(f, fmt)
+        songs.append((str(f), encode(audio * gain, fmt["encoding"])))
+    per_file = []
+    for name, tokens in songs:
+        r = score_chunks(model, token_chunks(tokens, length), total=len(tokens),
+                         label=f"eval {Path(name).name}", rate=int(fmt["rate"]), device=dev,
+                         progress=progress)
+        per_file.append({"file": name, **r})
+    n = sum(r["samples"] for r in per_file)
+    result: dict[str, Any] = {"split": "files", "samples": n}
+    for key in ["bpb"] + [f"acc{k}" for k in TOPK]:  # sample-weighted, as one split would be
+        result[key] = sum(r[key] * r["samples"] for r in per_file) / n
+    result.update({"checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
+                   "chunk_len": length, "files": per_file})
     return result

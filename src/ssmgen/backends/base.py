@@ -85,6 +85,12 @@ class SequenceBackend(nn.Module):
             hit = self._step_caches[slot] = (key, prepare())
         return hit[1]
 
+    def cached_kernel(self, L: int) -> Tensor:
+        """`self.kernel(L)` of a convolution backend, kept (per length) while the parameters are
+        unchanged and no gradient is wanted: evaluation reads many chunks of one length."""
+        return self.step_cache(lambda: self.kernel(L), slot=f"kernel:{L}")
+
+
 class ComplexModeState:
     """Mixin for layers whose state is d_state/2 complex modes per channel (conjugate pairs
     implied), kept as two real tensors (re, im) of shape (batch, d_model, d_state / 2)."""

@@ -13,8 +13,9 @@ shapes and initialization, so state_dicts interchange:
 
 State: (conv (B, d_inner, d_conv - 1): the last d_conv - 1 pre-conv inputs, ssm (B, d_inner, N)).
 
-On CPU (or without the CUDA packages) the scan is pure PyTorch (`selective_scan.py`): the chunked
-two-level scan by default, or the plain sequential loop (`scan="sequential"`). On CUDA with
+On CPU the scan is compiled with numba (`selective_scan_cpu.py`, forward and backward, ~10-50x the
+PyTorch scans); elsewhere, or without the CUDA packages, it is pure PyTorch (`selective_scan.py`):
+the chunked two-level scan, or the plain sequential loop (`scan="sequential"`). On CUDA with
 `mamba_ssm` and `causal_conv1d` installed, forward uses `selective_scan_fn` / `causal_conv1d_fn`
 and step uses `selective_state_update`.
 """
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ssmgen.backends.base import SequenceBackend, State
 from ssmgen.backends.selective_scan import selective_scan_chunked, selective_scan_sequential
+from ssmgen.backends.selective_scan_cpu import HAS_NUMBA, selective_scan_compiled
 
 try:  # optional CUDA kernels (pip install ssmgen[cuda])
     from causal_conv1d import causal_conv1d_fn
@@ -39,23 +41,31 @@ except Exception:  # ImportError, or a broken CUDA build
     causal_conv1d_fn = selective_scan_fn = selective_state_update = None
     HAS_KERNELS = False
 
-SCANS = {"chunked": selective_scan_chunked, "sequential": selective_scan_sequential}
+SCANS = {"compiled": selective_scan_compiled, "chunked": selective_scan_chunked,
+         "sequential": selective_scan_sequential}
+
+
+def _pick_scan(name: str, x: Tensor) -> str:
+    """'auto': the compiled (numba) scan for CPU tensors, else the chunked PyTorch scan."""
+    if name != "auto":
+        return name
+    return "compiled" if HAS_NUMBA and x.device.type == "cpu" else "chunked"
 
 
 class Mamba(SequenceBackend):
     """Mamba block. Options as mamba-ssm's `Mamba`; `lr` is the SSM parameters' learning rate
     (None: the trainer's `ssm_lr`); `scan` picks the pure-PyTorch scan ('chunked' or
-    'sequential'); `use_kernels=False` forces the pure path on CUDA too."""
+    'sequential', 'compiled', or 'auto': compiled on CPU, chunked elsewhere); `use_kernels=False` forces the pure path on CUDA too."""
 
     has_output_projection = True
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 lr: float | None = None, scan: str = "chunked", use_kernels: bool = True) -> None:
+                 lr: float | None = None, scan: str = "auto", use_kernels: bool = True) -> None:
         super().__init__(d_model)
-        if scan not in SCANS:
-            raise ValueError(f"unknown scan '{scan}': use {' or '.join(SCANS)}")
+        if scan not in SCANS and scan != "auto":
+            raise ValueError(f"unknown scan '{scan}': use auto, {', '.join(SCANS)}")
         if d_conv < 1:
             raise ValueError(f"d_conv must be >= 1, got {d_conv}")
         self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
@@ -132,7 +142,7 @@ class Mamba(SequenceBackend):
             y, h_last = self._scan_kernel(xc, dt, A, Bm, Cm, z, h0)
         else:
             delta = F.softplus(dt + self.dt_proj.bias.unsqueeze(-1))
-            y, h_last = SCANS[self.scan](xc, delta, A, Bm, Cm, self.D, z, h0)
+            y, h_last = SCANS[_pick_scan(self.scan, xc)](xc, delta, A, Bm, Cm, self.D, z, h0)
         out = self.out_proj(y.transpose(1, 2))
         return out, (new_conv.contiguous(), h_last)
 

@@ -343,7 +343,7 @@ class S4(ComplexModeState, SequenceBackend):
     # --- modes -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         u = x.transpose(1, 2)  # (B, H, L)
-        K = self.kernel(u.shape[-1]).to(u.dtype)
+        K = self.cached_kernel(u.shape[-1]).to(u.dtype)
         y = causal_conv(u, K) + self.D.unsqueeze(-1) * u
         return y.transpose(1, 2)
 

@@ -138,7 +138,7 @@ class S4D(ComplexModeState, SequenceBackend):
     # --- modes --------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         u = x.transpose(1, 2)  # (B, H, L)
-        y = causal_conv(u, self.kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u
+        y = causal_conv(u, self.cached_kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u
         return y.transpose(1, 2)
 
     def step_real(self) -> tuple[Tensor, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ssmgen.audio import (atomic_write_text, decode, encode, load_mono, normalization_gain,
+from ssmgen.audio import (atomic_write_text, decode, encode, load_song,
                           resample, write_wav)
 from ssmgen.data import shift_inputs
 from ssmgen.errors import UserError
@@ -96,8 +96,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     model, ckpt = load_model(checkpoint, resolve_device(device))
     fmt = ckpt["data_format"]
     rate = int(fmt["rate"])
-    audio, info = load_mono(song, rate)
-    gain = normalization_gain(float(np.max(np.abs(audio))), fmt["normalization"])
+    audio, gain, _ = load_song(song, fmt)
     end = len(audio) if at is None else int(round(at * rate))
     if end > len(audio):
         raise UserError(f"{song}: --at {at} s is past the end of the song ({len(audio) / rate:.2f} s)")

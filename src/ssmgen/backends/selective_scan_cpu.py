@@ -1,0 +1,176 @@
+"""A compiled CPU selective scan (numba) with its own backward pass, for training Mamba on CPU.
+
+Same recurrence, layouts and result as `selective_scan.selective_scan_ref` (the slow loop the
+tests compare it with, gradients included):
+
+    h_t = exp(delta_t A) * h_{t-1} + delta_t u_t B_t,     y_t = C_t . h_t  (+ D u_t) (* silu(z_t))
+
+Why a compiled loop: the scan is O(B D N L) scalar work with a sequential dependency in t. The
+pure-PyTorch scans either step in Python (dispatch-bound) or materialize (B, D, K, N) tensors per
+step (memory-bound); a plain loop per (batch, channel) with the N-vector state in registers does
+the same arithmetic once, and every (batch, channel) pair is independent, so they run in
+parallel (numba `prange`).
+
+Backward is the reverse-time adjoint recursion. It needs h_{t-1} at every t; rather than store all
+B D L N states (hundreds of MB for a training batch), forward keeps the state at every chunk start
+(each `CHUNK` steps) and backward recomputes one chunk's states at a time into a small buffer.
+dB and dC are sums over channels: each parallel task owns a group of channels and writes its own
+partial sums, added up afterwards (no two tasks ever write the same memory).
+
+The decays use the same exponent floor as the PyTorch scans (exp(x) = 0 below EXP_FLOOR, with a
+zero gradient), which keeps float32 subnormals out of the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ssmgen.backends.selective_scan import EXP_FLOOR, _finish
+
+try:
+    from numba import njit, prange
+    HAS_NUMBA = True
+except ImportError:  # numba is a core dependency, but keep the pure path importable without it
+    HAS_NUMBA = False
+
+#: Steps between the states kept for the backward pass (its recompute buffer is CHUNK x N).
+CHUNK = 64
+#: Channel groups per batch row in backward: each group writes its own dB/dC partial sums.
+GROUPS = 4
+
+if HAS_NUMBA:
+    JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+    @njit(parallel=True, **JIT)
+    def _forward(u, delta, A, Bl, Cl, h0, y, hlast, hkeep, chunk):  # pragma: no cover - compiled
+        """u, delta (B, D, L); A (D, N); Bl, Cl (B, L, N); h0 (B, D, N). Writes y (B, D, L),
+        hlast (B, D, N) and hkeep (B, D, K, N), the state before each chunk's first step."""
+        nb, nd, L = u.shape
+        N = A.shape[1]
+        for i in prange(nb * nd):
+            b, d = i // nd, i % nd
+            h = h0[b, d].copy()
+            for t in range(L):
+                if t % chunk == 0:
+                    hkeep[b, d, t // chunk] = h
+                dt = delta[b, d, t]
+                x = dt * u[b, d, t]
+                acc = 0.0
+                for n in range(N):
+                    a = dt * A[d, n]
+                    e = math.exp(a) if a >= EXP_FLOOR else 0.0
+                    h[n] = e * h[n] + x * Bl[b, t, n]
+                    acc += h[n] * Cl[b, t, n]
+                y[b, d, t] = acc
+            hlast[b, d] = h
+
+    @njit(parallel=True, **JIT)
+    def _backward(u, delta, A, Bl, Cl, hkeep, dy, dhlast, chunk, groups,
+                  du, ddelta, dA_part, dB_part, dC_part, dh0):  # pragma: no cover - compiled
+        """The adjoint of `_forward`. g = dLoss/dh_t runs backwards in time:
+        g <- g + dy_t C_t; the step's inputs get their gradients; g <- g * exp(delta_t A).
+        dA_part (B, D, N) and dB_part, dC_part (groups, B, L, N) are summed by the caller."""
+        nb, nd, L = u.shape
+        N = A.shape[1]
+        K = hkeep.shape[2]
+        per = (nd + groups - 1) // groups
+        for i in prange(nb * groups):
+            b, gi = i // groups, i % groups
+            hbuf = np.empty((chunk, N), dtype=u.dtype)
+            ebuf = np.empty((chunk, N), dtype=u.dtype)
+            g = np.empty(N, dtype=u.dtype)
+            for d in range(gi * per, min(nd, (gi + 1) * per)):
+                g[:] = dhlast[b, d]
+                for k in range(K - 1, -1, -1):
+                    t0 = k * chunk
+                    t1 = min(L, t0 + chunk)
+                    h = hkeep[b, d, k].copy()
+                    for t in range(t0, t1):  # recompute this chunk's states and decays
+                        dt = delta[b, d, t]
+                        x = dt * u[b, d, t]
+                        for n in range(N):
+                            a = dt * A[d, n]
+                            e = math.exp(a) if a >= EXP_FLOOR else 0.0
+                            h[n] = e * h[n] + x * Bl[b, t, n]
+                            ebuf[t - t0, n] = e
+                            hbuf[t - t0, n] = h[n]
+                    for t in range(t1 - 1, t0 - 1, -1):
+                        dyt = dy[b, d, t]
+                        dt = delta[b, d, t]
+                        ut = u[b, d, t]
+                        sd = 0.0
+                        su = 0.0
+                        for n in range(N):
+                            gn = g[n] + dyt * Cl[b, t, n]
+                            dC_part[gi, b, t, n] += dyt * hbuf[t - t0, n]
+                            hprev = hbuf[t - t0 - 1, n] if t > t0 else hkeep[b, d, k, n]
+                            ge = gn * ebuf[t - t0, n] * hprev  # dLoss/d(delta_t A_n)
+                            dA_part[b, d, n] += ge * dt
+                            sd += ge * A[d, n] + gn * ut * Bl[b, t, n]
+                            su += gn * dt * Bl[b, t, n]
+                            dB_part[gi, b, t, n] += gn * dt * ut
+                            g[n] = gn * ebuf[t - t0, n]
+                        ddelta[b, d, t] = sd
+                        du[b, d, t] = su
+                dh0[b, d] = g
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+class _CompiledScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk):  # noqa: D102 - autograd plumbing
+        nb, nd, L = u.shape
+        N = A.shape[1]
+        K = -(-L // chunk)
+        Bl, Cl = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (B, L, N)
+        h0_ = h0 if h0 is not None else u.new_zeros(nb, nd, N)
+        y = u.new_empty(nb, nd, L)
+        hlast = u.new_empty(nb, nd, N)
+        hkeep = u.new_empty(nb, nd, K, N)
+        _forward(_np(u), _np(delta), _np(A), _np(Bl), _np(Cl), _np(h0_), y.numpy(),
+                 hlast.numpy(), hkeep.numpy(), chunk)
+        ctx.save_for_backward(u, delta, A, Bl, Cl, hkeep)
+        ctx.has_h0, ctx.chunk = h0 is not None, chunk
+        return y, hlast
+
+    @staticmethod
+    def backward(ctx, dy, dhlast):  # noqa: D102
+        u, delta, A, Bl, Cl, hkeep = ctx.saved_tensors
+        nb, nd, L = u.shape
+        N = A.shape[1]
+        groups = min(GROUPS, nd)
+        dy = torch.zeros_like(u) if dy is None else dy
+        dhlast = u.new_zeros(nb, nd, N) if dhlast is None else dhlast
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dA_part = u.new_zeros(nb, nd, N)
+        dB_part = u.new_zeros(groups, nb, L, N)
+        dC_part = u.new_zeros(groups, nb, L, N)
+        dh0 = u.new_empty(nb, nd, N)
+        _backward(_np(u), _np(delta), _np(A), _np(Bl), _np(Cl), _np(hkeep), _np(dy),
+                  _np(dhlast), ctx.chunk, groups, du.numpy(), ddelta.numpy(), dA_part.numpy(),
+                  dB_part.numpy(), dC_part.numpy(), dh0.numpy())
+        dB = dB_part.sum(0).transpose(1, 2)
+        dC = dC_part.sum(0).transpose(1, 2)
+        return du, ddelta, dA_part.sum(0), dB, dC, (dh0 if ctx.has_h0 else None), None
+
+
+def selective_scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Tensor | None = None, z: Tensor | None = None,
+                            h0: Tensor | None = None, chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """Same result as `selective_scan_ref`, compiled (CPU tensors, float32 or float64).
+    `chunk`: steps between the states kept for backward. Returns (y (B, D, L), h_last (B, D, N))."""
+    if not HAS_NUMBA:
+        raise RuntimeError("the compiled selective scan needs numba (pip install numba)")
+    if u.is_cuda:
+        raise RuntimeError("the compiled selective scan runs on CPU tensors only")
+    dtype = u.dtype
+    args = [t.to(dtype) for t in (u, delta, A, B, C)]
+    y, h = _CompiledScan.apply(*args, None if h0 is None else h0.to(dtype), chunk)
+    return _finish(y, u, D, z), h

@@ -1,0 +1,71 @@
+"""`ssmgen eval --audio`: any audio file scored exactly as the same file would be as a prepared
+split, per file and overall; bad files give one line and exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import make_checkpoint, write_tone
+from ssmgen.prep import prepare
+
+
+def ssmgen(*args):
+    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    songs = root / "songs"
+    songs.mkdir()
+    # different rates, channel counts and levels: the file path must resample, mix and normalize
+    write_tone(songs / "a.wav", seconds=1.5, rate=44100, channels=2, freq=220.0, level=0.2)
+    write_tone(songs / "b.flac", seconds=1.0, rate=22050, channels=1, freq=330.0, level=0.5)
+    write_tone(songs / "c.wav", seconds=1.2, rate=16000, channels=2, freq=440.0, level=0.7)
+    manifest = prepare(songs, root / "ds", split=(0.34, 0.33, 0.33), progress=False)
+    ckpt = make_checkpoint(root / "model.pt", backend="s4d", preset="tiny")
+    return root, manifest, ckpt
+
+
+def test_audio_file_scores_as_the_same_file_prepared_as_a_split(setup):
+    root, manifest, ckpt = setup
+    test_files = [f["path"] for f in manifest["files"] if f.get("split") == "test"]
+    assert len(test_files) == 1
+    r = ssmgen("eval", ckpt, "--data", root / "ds", "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    split = json.loads(r.stdout)
+    r = ssmgen("eval", ckpt, "--audio", root / "songs" / test_files[0], "--json")
+    assert r.returncode == 0, r.stderr
+    song = json.loads(r.stdout)
+    assert song["samples"] == split["samples"] > 0
+    assert song["bpb"] == pytest.approx(split["bpb"], abs=1e-9)
+    for k in ("acc1", "acc3", "acc5", "acc10"):
+        assert song[k] == pytest.approx(split[k], abs=1e-12)
+
+
+def test_several_files_per_file_and_sample_weighted_overall(setup):
+    root, _, ckpt = setup
+    a, b = root / "songs" / "a.wav", root / "songs" / "b.flac"
+    r = ssmgen("eval", ckpt, "--audio", a, "--audio", b, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    files = res["files"]
+    assert [f["file"] for f in files] == [str(a), str(b)]
+    assert [f["samples"] for f in files] == [24000, 16000]  # 1.5 s and 1.0 s at 16 kHz
+    mean = (files[0]["bpb"] * 24000 + files[1]["bpb"] * 16000) / 40000
+    assert res["bpb"] == pytest.approx(mean, rel=1e-12) and res["samples"] == 40000
+    r = ssmgen("eval", ckpt, "--audio", a, "--audio", b)  # the human-readable form
+    assert r.returncode == 0 and "a.wav" in r.stdout and "all files" in r.stdout
+
+
+def test_unreadable_audio_is_one_line_naming_it(setup):
+    root, _, ckpt = setup
+    bad = root / "notes.wav"
+    bad.write_text("not audio")
+    r = ssmgen("eval", ckpt, "--audio", bad)
+    assert r.returncode == 2
+    assert "notes.wav" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
