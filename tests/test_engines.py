@@ -96,10 +96,37 @@ def test_torch_engine_step_matches_forward_teacher_forced():
 def test_registry():
     model = tiny("s4d")
     assert {"torch", "cpu-fast"} <= set(available_engines("cpu"))
+    assert "cuda-graph" not in available_engines("cpu")
     assert create_engine("auto", model, 1, "cpu").name == "cpu-fast"
     assert create_engine("torch", model, 1, "cpu").name == "torch"
     with pytest.raises(UserError, match="unknown engine"):
         create_engine("nope", model, 1, "cpu")
+    with pytest.raises(UserError, match="cuda-graph.*CUDA"):
+        create_engine("cuda-graph", model, 1, "cpu")
+
+
+# --- cuda-graph against the torch reference (where a GPU exists) ---------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=40, top_p=0.9)])
+def test_cuda_graph_matches_torch(name, sampling):
+    model = tiny(name)
+    tokens, state = prompt_state(model, length=37)  # odd phase: eager steps, then frames
+    model.cuda()  # the engines move the state to the model's device
+    first = tokens[:, -1].numpy()
+    n = 1024 + 16 * 3 + 7  # crosses a noise chunk, with eager steps between frames
+
+    def gen(engine):
+        eng = create_engine(engine, model, B, "cuda")
+        return eng.generate(state, first, n, Sampler(seed=5, batch_size=B, **sampling))
+    ref, ref_state = gen("torch")
+    fast, fast_state = gen("cuda-graph")
+    np.testing.assert_array_equal(ref, fast)
+    assert fast_state.t == ref_state.t == 37 + n
+    for k in ref_state.tensors:
+        torch.testing.assert_close(fast_state.tensors[k], ref_state.tensors[k], atol=1e-4,
+                                   rtol=1e-4)
 
 
 # --- sampling -----------------------------------------------------------------------------------

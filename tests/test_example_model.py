@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssmgen.audio import decode, encode, load_mono, normalization_gain
+from ssmgen.audio import decode, encode, load_song
 from ssmgen.checkpoint import load_model
 from ssmgen.generate.continuation import read_prompt
 from ssmgen.generate.engines import create_engine
@@ -21,9 +21,8 @@ MODELS = sorted((ROOT / "examples" / "models").glob("*.pt"))
 def test_sixty_seconds_stay_finite_and_bounded(path):
     model, ckpt = load_model(path)
     fmt = ckpt["data_format"]
-    audio, _ = load_mono(ROOT / "examples" / "prompt.flac", fmt["rate"])
-    audio = audio * normalization_gain(float(np.abs(audio).max()), fmt["normalization"])
-    prompt = encode(audio[: 2 * fmt["rate"]], fmt["encoding"]).astype(np.int64)
+    audio, gain, _ = load_song(ROOT / "examples" / "prompt.flac", fmt)
+    prompt = encode(audio[: 2 * fmt["rate"]] * gain, fmt["encoding"]).astype(np.int64)
     state, first = read_prompt(model, prompt, 1)
     engine = create_engine("auto", model, 1)
     n = 60 * fmt["rate"]

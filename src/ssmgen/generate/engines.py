@@ -8,7 +8,9 @@ An engine continues a `ModelState` token by token::
 - ``torch``: eager `model.step` loop (the reference, any device);
 - ``cpu-fast``: the whole recurrent model packed into flat arrays, 16-sample blocks run by one
   numba function, sampling included (CPU only);
-- ``auto``: the fastest engine available for the device (cpu-fast on a CPU where numba imports).
+- ``cuda-graph``: one 16-sample frame captured as a CUDA graph, sampling inside (CUDA only);
+- ``auto``: the fastest engine available for the device (cpu-fast on a CPU where numba imports;
+  on CUDA the torch engine until cuda-graph has been checked on a GPU, see cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def available_engines(device: str | torch.device | None = None) -> list[str]:
     names = ["torch"]
     if dev.type == "cpu" and _numba_ok():
         names.append("cpu-fast")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        names.append("cuda-graph")
     return names
 
 
@@ -55,7 +59,7 @@ def _resolve(name: str, device: torch.device) -> str:
 
 
 def create_engine(name: str, model: SaShiMi, batch_size: int, device=None) -> Engine:
-    """An engine by name ('auto', 'torch', 'cpu-fast'). Raises UserError for one that is unknown
+    """An engine by name ('auto', 'torch', 'cpu-fast', 'cuda-graph'). Raises UserError for one that is unknown
     or unusable on `device`."""
     dev = torch.device(device) if device is not None else model.head.weight.device
     resolved = _resolve(name, dev)
@@ -67,5 +71,10 @@ def create_engine(name: str, model: SaShiMi, batch_size: int, device=None) -> En
             raise UserError(f"engine 'cpu-fast' needs numba and a CPU device (got {dev})")
         from ssmgen.generate.cpu_fast import CpuFastEngine
         return CpuFastEngine(model, batch_size)
+    if resolved == "cuda-graph":
+        if resolved not in available_engines(dev):
+            raise UserError(f"engine 'cuda-graph' needs a CUDA device (got {dev})")
+        from ssmgen.generate.cuda_graph import CudaGraphEngine
+        return CudaGraphEngine(model, batch_size, dev)
     raise UserError(f"unknown engine '{name}': use auto or one of "
                     f"{', '.join(available_engines(dev))}")
