@@ -105,3 +105,12 @@ def write_tone(path, seconds: float = 1.0, rate: int = 44100, channels: int = 2,
     data = np.stack([x * (1 - 0.2 * c) for c in range(channels)], axis=1)
     sf.write(str(path), data, rate, subtype=subtype)
     return path
+
+
+def ssmgen(*args, **kw):
+    """Run the real command line (`python -m ssmgen ARGS`) and capture its output."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
+                          text=True, **kw)

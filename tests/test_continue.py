@@ -1,8 +1,6 @@
 """`ssmgen continue`: any song as the prompt, read in parallel, outputs and their sidecars."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,12 +10,7 @@ import torch
 from ssmgen.checkpoint import load_model
 from ssmgen.data import shift_inputs
 from ssmgen.generate.continuation import continue_song, read_prompt
-from helpers import BACKENDS, make_checkpoint, write_tone
-
-
-def ssmgen(*args):
-    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
-                          text=True)
+from helpers import BACKENDS, make_checkpoint, ssmgen, write_tone
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,11 @@
 split, per file and overall; bad files give one line and exit 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import make_checkpoint, write_tone
+from helpers import make_checkpoint, ssmgen, write_tone
 from ssmgen.prep import prepare
-
-
-def ssmgen(*args):
-    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
-                          text=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from ssmgen.checkpoint import load_model
 from ssmgen.errors import UserError
-from helpers import BACKENDS, make_checkpoint, perturb, write_tone
+from helpers import BACKENDS, make_checkpoint, perturb, ssmgen, write_tone
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -21,11 +21,6 @@ from ssmgen import export as E  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "onnx_continue.py"
-
-
-def ssmgen(*args):
-    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
-                          text=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,10 @@ import torch
 from ssmgen.checkpoint import load_checkpoint
 from ssmgen.config import load_config
 from ssmgen.train import TrainingDiverged, train
-from helpers import make_dataset
+from helpers import make_dataset, ssmgen
 
 FAST = ["--preset", "tiny", "--backend", "s4d", "--batch-size", "2", "--sample-len", "1024",
         "--set", "train.val_max_samples=4096", "--set", "train.sample_seconds=0", "--quiet"]
-
-
-def ssmgen(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "ssmgen", *map(str, args)], capture_output=True,
-                          text=True, env=env, **kw)
 
 
 @pytest.fixture(scope="module")

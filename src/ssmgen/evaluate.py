@@ -111,7 +111,7 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
     model, ckpt = load_model(checkpoint, dev)
     fmt = ckpt["data_format"]
     length = chunk_len or int(ckpt["config"]["train"]["sample_len"])
-    songs = []
+    songs = []  # every file read first: a bad one fails in seconds, not after the others scored
     for f in files:
         audio, gain, _ = load_song(f, fmt)
         songs.append((str(f), encode(audio * gain, fmt["encoding"])))

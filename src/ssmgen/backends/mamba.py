@@ -54,8 +54,9 @@ def _pick_scan(name: str, x: Tensor) -> str:
 
 class Mamba(SequenceBackend):
     """Mamba block. Options as mamba-ssm's `Mamba`; `lr` is the SSM parameters' learning rate
-    (None: the trainer's `ssm_lr`); `scan` picks the pure-PyTorch scan ('chunked' or
-    'sequential', 'compiled', or 'auto': compiled on CPU, chunked elsewhere); `use_kernels=False` forces the pure path on CUDA too."""
+    (None: the trainer's `ssm_lr`); `scan` picks the scan used without the CUDA kernels:
+    'compiled' (numba, CPU), 'chunked' or 'sequential' (PyTorch), or 'auto' (compiled on CPU,
+    chunked elsewhere); `use_kernels=False` forces that path on CUDA too."""
 
     has_output_projection = True
 

@@ -105,8 +105,8 @@ class CudaGraphEngine:
             pieces, i = [], 0
             while i < m:
                 if state.t % F == 0 and m - i >= F:  # a whole frame from a boundary: replay
-                    graph, st, tok, noise, frame_out = self._graph(state, args)
-                    if not synced:
+                    if not synced:  # (re)load the graph's static buffers from the state
+                        graph, st, tok, noise, frame_out = self._graph(state, args)
                         for k, v in state.tensors.items():
                             st[k].copy_(v)
                         tok.copy_(token)

@@ -59,8 +59,8 @@ def _resolve(name: str, device: torch.device) -> str:
 
 
 def create_engine(name: str, model: SaShiMi, batch_size: int, device=None) -> Engine:
-    """An engine by name ('auto', 'torch', 'cpu-fast', 'cuda-graph'). Raises UserError for one that is unknown
-    or unusable on `device`."""
+    """An engine by name ('auto', 'torch', 'cpu-fast', 'cuda-graph'). Raises UserError for one
+    that is unknown or unusable on `device`."""
     dev = torch.device(device) if device is not None else model.head.weight.device
     resolved = _resolve(name, dev)
     if resolved == "torch":
