@@ -167,7 +167,8 @@ class Packed:
             tmp = max(tmp, first.d_state + 2 * first.rank + ALIGN)
         if kind == "Mamba":
             E = first.expand * wmax
-            tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN)  # dt_rank <= width
+            tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN,  # dt_rank <= width
+                      E * first.d_state)  # T2: the step's decays
         self.tmp_size = tmp
         self.names = model.state_names()
 

@@ -119,12 +119,37 @@ def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
             y_[h] = acc + dd[h] * u
 
 
+# Cephes' expf: exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two for
+# exactness), exp(r) a degree-7 polynomial on |r| <= ln 2 / 2.
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+
+
 @njit(**JIT)
-def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, tmp):
+def exp_nonpositive(X, n):
+    """X[:n] = exp(X[:n]) in place, for X <= 0 (decays), in float32 within 2 ulp of libm (below
+    -86 the result is exp(-86) ~ 4e-38 instead of smaller). libm's exp is a scalar call per element;
+    this loop is branch-free, so LLVM vectorizes it: the Mamba step exponentiates E x N decays
+    per sample, which dominated the cpu-fast Mamba step."""
+    bits = X[:n].view(np.int32)
+    for i in range(n):
+        x = max(X[i], np.float32(-86.0))
+        k = math.floor(x * _LOG2E + np.float32(0.5))
+        r = x - k * _LN2_HI - k * _LN2_LO
+        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+        X[i] = p * r * r + r + np.float32(1.0)
+        T = np.int32(k)
+        bits[i] = bits[i] + (T << 23)  # times 2^k: add k to the exponent field (result normal)
+
+
+@njit(**JIT)
+def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
     """Mamba (mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise conv, silu;
     x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
     y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), y [4E, 5E),
-    dt [5E, 6E), dbc [6E, 6E + R + 2N)."""
+    dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of the step,
+    exponentiated in one vectorized pass (`exp_nonpositive`)."""
     linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
     convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
     convb = W[lo[3]:lo[3] + E]
@@ -155,13 +180,20 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, tmp):
         dt = T1[r + 5 * E:r + 6 * E]
         Bv = T1[r + 6 * E + R:r + 6 * E + R + N]
         Cv = T1[r + 6 * E + R + N:r + 6 * E + R + 2 * N]
+        dA = T2[r:r + E * N]
         for e in range(E):
             d = dt[e]
             d = d if d > 20.0 else math.log1p(math.exp(d))  # softplus (torch's threshold 20)
-            dx = d * xc[e]
+            dt[e] = d
+            for n in range(N):
+                dA[e * N + n] = d * A[e, n]
+        exp_nonpositive(dA, E * N)
+        dA2 = dA.reshape(E, N)
+        for e in range(E):
+            dx = dt[e] * xc[e]
             acc = np.float32(0.0)
             for n in range(N):
-                hn = math.exp(d * A[e, n]) * h[e, n] + dx * Bv[n]
+                hn = dA2[e, n] * h[e, n] + dx * Bv[n]
                 h[e, n] = hn
                 acc += hn * Cv[n]
             z = xz[E + e]
@@ -281,7 +313,7 @@ def backend_step(kind, W, lo, S, so, U, Y, w, ci, B, cap, T1, T2):
     elif kind == S4:
         s4_step(W, lo, S, so, U, Y, w, ci[C_N], B, cap, T1, T1.shape[0] // B)
     elif kind == MAMBA:
-        mamba_step(W, lo, S, so, U, Y, w, ci[C_N], lo[12], ci[C_E] * w, ci[C_K], B, cap, T1,
+        mamba_step(W, lo, S, so, U, Y, w, ci[C_N], lo[12], ci[C_E] * w, ci[C_K], B, cap, T1, T2,
                    T1.shape[0] // B)
 
 
