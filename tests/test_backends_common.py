@@ -118,3 +118,14 @@ def test_state_is_real_float_tensors(name):
     layer = make(name)
     for s in layer.initial_state(3):
         assert s.dtype == torch.float32 and not s.is_complex() and s.shape[0] == 3
+
+
+def test_kernel_cache_drops_entries_of_old_parameters():
+    layer = make("s4d")
+    with torch.no_grad():
+        for L in (16, 24, 40):
+            layer(torch.randn(1, L, H))
+        assert len(layer._step_caches) == 3  # one kernel per length while the weights stand
+        layer.log_dt.add_(0.1)
+        layer(torch.randn(1, 8, H))
+    assert list(layer._step_caches) == ["kernel:8"]  # the three old kernels are gone

@@ -82,6 +82,9 @@ class SequenceBackend(nn.Module):
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         hit = self._step_caches.get(slot)
         if hit is None or hit[0] != key:
+            # Entries of other slots made from older parameters can never hit again: drop them,
+            # so that kernels cached for lengths no longer in use do not pile up during training.
+            self._step_caches = {s: v for s, v in self._step_caches.items() if v[0] == key}
             hit = self._step_caches[slot] = (key, prepare())
         return hit[1]
 
