@@ -12,6 +12,9 @@ def test_shipped_presets():
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.pool, cfg.model.glu) == (64, 2, [4, 4], False)
     assert (cfg.train.batch_size, cfg.train.sample_len, cfg.train.lr, cfg.train.ssm_lr) == (1, 131072, 4e-3, 1e-3)
     assert load_config("sashimi").model.n_layers == 8
+    cpu = load_config("ablated-cpu")  # the same model, the CPU-budget recipe
+    assert cpu.model == cfg.model
+    assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == (4, 4096, 1e-3, 100)
 
 
 def test_overrides_and_backend():

@@ -167,6 +167,7 @@ def presets() -> None:
     for b in names:
         table.add_column(f"params ({b})", justify="right")
     table.add_column("shape")
+    table.add_column("training")
     for p in preset_names():
         counts = []
         for b in names:
@@ -174,8 +175,9 @@ def presets() -> None:
                 counts.append(f"{count_parameters(SaShiMi(load_config(p, backend=b).model)):,}")
             except Exception as e:  # a broken plug-in must not hide the other rows
                 counts.append(f"({type(e).__name__})")
-        m = load_config(p).model
-        table.add_row(p, *counts, f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}")
+        m, t = load_config(p).model, load_config(p).train
+        table.add_row(p, *counts, f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
+                      f"{t.batch_size} x {t.sample_len}, lr {t.lr:g}")
     out.print(table)
 
 
