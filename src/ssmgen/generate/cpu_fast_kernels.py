@@ -13,6 +13,9 @@ import math
 import numpy as np
 from numba import njit
 
+from ssmgen.backends.selective_scan import EXP_FLOOR
+from ssmgen.vecmath import exp_floored
+
 JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
 # Backend kinds
@@ -119,37 +122,13 @@ def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
             y_[h] = acc + dd[h] * u
 
 
-# Cephes' expf: exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two for
-# exactness), exp(r) a degree-7 polynomial on |r| <= ln 2 / 2.
-_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
-_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
-
-
-@njit(**JIT)
-def exp_nonpositive(X, n):
-    """X[:n] = exp(X[:n]) in place, for X <= 0 (decays), in float32 within 2 ulp of libm (below
-    -86 the result is exp(-86) ~ 4e-38 instead of smaller). libm's exp is a scalar call per element;
-    this loop is branch-free, so LLVM vectorizes it: the Mamba step exponentiates E x N decays
-    per sample, which dominated the cpu-fast Mamba step."""
-    bits = X[:n].view(np.int32)
-    for i in range(n):
-        x = max(X[i], np.float32(-86.0))
-        k = math.floor(x * _LOG2E + np.float32(0.5))
-        r = x - k * _LN2_HI - k * _LN2_LO
-        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-        X[i] = p * r * r + r + np.float32(1.0)
-        T = np.int32(k)
-        bits[i] = bits[i] + (T << 23)  # times 2^k: add k to the exponent field (result normal)
-
-
 @njit(**JIT)
 def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
     """Mamba (mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise conv, silu;
     x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
     y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), y [4E, 5E),
     dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of the step,
-    exponentiated in one vectorized pass (`exp_nonpositive`)."""
+    exponentiated in one vectorized pass (`vecmath.exp_floored`)."""
     linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
     convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
     convb = W[lo[3]:lo[3] + E]
@@ -187,7 +166,7 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
             dt[e] = d
             for n in range(N):
                 dA[e * N + n] = d * A[e, n]
-        exp_nonpositive(dA, E * N)
+        exp_floored(dA, E * N, EXP_FLOOR)
         dA2 = dA.reshape(E, N)
         for e in range(E):
             dx = dt[e] * xc[e]
