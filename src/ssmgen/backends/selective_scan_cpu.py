@@ -58,10 +58,11 @@ if HAS_NUMBA:
             b, d = i // nd, i % nd
             h = h0[b, d].copy()
             ebuf = np.empty(chunk * N, dtype=u.dtype)
+            ibuf = np.empty(chunk * N, dtype=np.int32)
             for k in range(hkeep.shape[2]):
                 t0, t1 = k * chunk, min(L, (k + 1) * chunk)
                 hkeep[b, d, k] = h
-                _decays(delta, A, b, d, t0, t1, ebuf)
+                _decays(delta, A, b, d, t0, t1, ebuf, ibuf)
                 for t in range(t0, t1):
                     x = delta[b, d, t] * u[b, d, t]
                     acc = 0.0
@@ -72,7 +73,7 @@ if HAS_NUMBA:
             hlast[b, d] = h
 
     @njit(**JIT)
-    def _decays(delta, A, b, d, t0, t1, ebuf):  # pragma: no cover - compiled
+    def _decays(delta, A, b, d, t0, t1, ebuf, ibuf):  # pragma: no cover - compiled
         """ebuf[(t - t0) N + n] = exp(delta[b, d, t] A[d, n]) (0 below EXP_FLOOR) for t0 <= t < t1,
         exponentiated in one vectorized pass (a libm call per element was most of the scan)."""
         N = A.shape[1]
@@ -80,7 +81,7 @@ if HAS_NUMBA:
             dt = delta[b, d, t]
             for n in range(N):
                 ebuf[(t - t0) * N + n] = dt * A[d, n]
-        exp_floored(ebuf, (t1 - t0) * N, EXP_FLOOR)
+        exp_floored(ebuf, (t1 - t0) * N, EXP_FLOOR, ibuf)
 
     @njit(parallel=True, **JIT)
     def _backward(u, delta, A, Bl, Cl, hkeep, dy, dhlast, chunk, groups,
@@ -97,6 +98,7 @@ if HAS_NUMBA:
             hbuf = np.empty((chunk, N), dtype=u.dtype)
             eflat = np.empty(chunk * N, dtype=u.dtype)
             ebuf = eflat.reshape(chunk, N)
+            ibuf = np.empty(chunk * N, dtype=np.int32)
             g = np.empty(N, dtype=u.dtype)
             for d in range(gi * per, min(nd, (gi + 1) * per)):
                 g[:] = dhlast[b, d]
@@ -104,7 +106,7 @@ if HAS_NUMBA:
                     t0 = k * chunk
                     t1 = min(L, t0 + chunk)
                     h = hkeep[b, d, k].copy()
-                    _decays(delta, A, b, d, t0, t1, eflat)  # recompute this chunk's decays
+                    _decays(delta, A, b, d, t0, t1, eflat, ibuf)  # recompute this chunk's decays
                     for t in range(t0, t1):  # and states
                         x = delta[b, d, t] * u[b, d, t]
                         for n in range(N):

@@ -168,7 +168,7 @@ class Packed:
         if kind == "Mamba":
             E = first.expand * wmax
             tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN,  # dt_rank <= width
-                      E * first.d_state)  # T2: the step's decays
+                      2 * E * first.d_state)  # T2: the step's decays and exp scratch
         self.tmp_size = tmp
         self.names = model.state_names()
 

@@ -128,7 +128,7 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
     x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
     y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), y [4E, 5E),
     dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of the step,
-    exponentiated in one vectorized pass (`vecmath.exp_floored`)."""
+    exponentiated in one vectorized pass (`vecmath.exp_floored`), and its E x N int scratch."""
     linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
     convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
     convb = W[lo[3]:lo[3] + E]
@@ -166,7 +166,7 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
             dt[e] = d
             for n in range(N):
                 dA[e * N + n] = d * A[e, n]
-        exp_floored(dA, E * N, EXP_FLOOR)
+        exp_floored(dA, E * N, EXP_FLOOR, T2[r + E * N:r + 2 * E * N].view(np.int32))
         dA2 = dA.reshape(E, N)
         for e in range(E):
             dx = dt[e] * xc[e]
