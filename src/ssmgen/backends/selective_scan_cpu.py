@@ -25,7 +25,6 @@ before the recurrence runs over them: libm's exp, a call per element, had been m
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import Tensor
