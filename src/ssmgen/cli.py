@@ -175,7 +175,8 @@ def presets() -> None:
                 counts.append(f"{count_parameters(SaShiMi(load_config(p, backend=b).model)):,}")
             except Exception as e:  # a broken plug-in must not hide the other rows
                 counts.append(f"({type(e).__name__})")
-        m, t = load_config(p).model, load_config(p).train
+        cfg = load_config(p)
+        m, t = cfg.model, cfg.train
         table.add_row(p, *counts, f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
                       f"{t.batch_size} x {t.sample_len}, lr {t.lr:g}")
     out.print(table)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen.backends.base import SequenceBackend, State
-from ssmgen.backends.selective_scan import selective_scan_chunked, selective_scan_sequential
+from ssmgen.backends.selective_scan import (decay_exp, selective_scan_chunked,
+                                            selective_scan_sequential)
 from ssmgen.backends.selective_scan_cpu import HAS_NUMBA, selective_scan_compiled
 
 try:  # optional CUDA kernels (pip install ssmgen[cuda])
@@ -186,7 +187,10 @@ class Mamba(SequenceBackend):
                                        dt_bias=self.dt_proj.bias, dt_softplus=True)
         else:
             delta = F.softplus(dt + self.dt_proj.bias)
-            h = torch.exp(delta.unsqueeze(-1) * A) * h + (delta * xc).unsqueeze(-1) * Bm.unsqueeze(1)
+            # decay_exp: the scans' floor (exactly 0 below exp(-60)), so every mode and engine
+            # computes the same decays
+            h = (decay_exp(delta.unsqueeze(-1) * A) * h
+                 + (delta * xc).unsqueeze(-1) * Bm.unsqueeze(1))
             y = (h @ Cm.unsqueeze(-1)).squeeze(-1) + self.D * xc
             y = y * F.silu(z)
         return self.out_proj(y), (window[..., 1:].contiguous(), h)
