@@ -31,6 +31,9 @@ class ModelConfig:
     n_tokens: int = 256
     backend: str = "s4"
     backend_options: dict[str, dict] = field(default_factory=dict)
+    #: Training length at the finest tier (a backend's `l_max` at each rate: S4 parameterizes its
+    #: C for it). `load_config` sets it to train.sample_len; None in checkpoints made before it.
+    seq_len: Optional[int] = None
 
     @property
     def frame(self) -> int:
@@ -117,6 +120,9 @@ def _check(cfg: Config, source: str) -> None:
                         "are supported")
     if t.sample_len % m.frame:
         raise UserError(f"{source}: train.sample_len = {t.sample_len} must be a multiple of "
+                        f"{m.frame} (the product of model.pool)")
+    if m.seq_len is not None and (m.seq_len <= 0 or m.seq_len % m.frame):
+        raise UserError(f"{source}: model.seq_len = {m.seq_len} must be a positive multiple of "
                         f"{m.frame} (the product of model.pool)")
     if not 0 <= m.dropout < 1:
         raise UserError(f"{source}: model.dropout = {m.dropout}: must be in [0, 1)")
@@ -251,6 +257,8 @@ def load_config(preset: str = "ablated", backend: str | None = None,
     for item in overrides or []:
         data = apply_override(data, item)
     data["preset"] = name
+    if data.get("model", {}).get("seq_len") is None:  # the length this model is trained at
+        data = merge(data, {"model": {"seq_len": data.get("train", {}).get("sample_len")}})
     cfg = Config.from_dict(data, source=f"preset {name}")
     from ssmgen import backends
     if cfg.model.backend not in backends.available():

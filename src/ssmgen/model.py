@@ -20,6 +20,7 @@ Within a frame of 16 samples the schedule is fixed: the tier at rate L/P runs on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,13 @@ class SequenceBlock(nn.Module):
     """Pre-LayerNorm residual: x + Linear(GELU(backend(LN(x)))). The backend includes its D skip.
     A backend with its own output projection (Mamba) gets no GELU + linear after it."""
 
-    def __init__(self, d: int, cfg: ModelConfig) -> None:
+    def __init__(self, d: int, cfg: ModelConfig, seq_len: int | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.layer = backends.create(cfg.backend, d, **cfg.options())
+        options = cfg.options()
+        if seq_len is not None and backends.get(cfg.backend).takes_length:
+            options["l_max"] = seq_len
+        self.layer = backends.create(cfg.backend, d, **options)
         self.glu = cfg.glu
         if self.layer.has_output_projection:
             self.output_linear = None
@@ -97,9 +101,9 @@ class FFBlock(nn.Module):
 class Tier(nn.Module):
     """n_layers residual pairs (sequence block, FF block) with a residual around the whole stack."""
 
-    def __init__(self, d: int, cfg: ModelConfig) -> None:
+    def __init__(self, d: int, cfg: ModelConfig, seq_len: int | None = None) -> None:
         super().__init__()
-        self.seq = nn.ModuleList(SequenceBlock(d, cfg) for _ in range(cfg.n_layers))
+        self.seq = nn.ModuleList(SequenceBlock(d, cfg, seq_len) for _ in range(cfg.n_layers))
         self.ff = nn.ModuleList(FFBlock(d, cfg) for _ in range(cfg.n_layers))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,9 +173,13 @@ class SaShiMi(nn.Module):
         self.widths = widths
         self.embedding = nn.Embedding(cfg.n_tokens, cfg.d_model)
         self.down = nn.ModuleList(DownPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
-        self.center = Tier(widths[-1], cfg)
+        # Training length at each tier's rate (for backends that take it, see SequenceBackend).
+        lengths = [None] * len(widths)
+        if cfg.seq_len is not None:
+            lengths = [cfg.seq_len // math.prod(cfg.pool[:i]) for i in range(len(widths))]
+        self.center = Tier(widths[-1], cfg, lengths[-1])
         self.up = nn.ModuleList(UpPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
-        self.tiers = nn.ModuleList(Tier(widths[i], cfg) for i in range(len(cfg.pool)))
+        self.tiers = nn.ModuleList(Tier(widths[i], cfg, lengths[i]) for i in range(len(cfg.pool)))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_tokens)
 

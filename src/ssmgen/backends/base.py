@@ -31,6 +31,9 @@ class SequenceBackend(nn.Module):
     #: True when the layer ends in an output projection of its own (Mamba's out_proj): the
     #: SaShiMi sequence block then adds no GELU + output linear after it.
     has_output_projection: bool = False
+    #: True when the constructor takes `l_max`, the training length at the layer's rate (the
+    #: model passes it: the sample length divided by the pooling above the layer's tier).
+    takes_length: bool = False
 
     def __init__(self, d_model: int) -> None:
         super().__init__()

@@ -19,9 +19,15 @@ stepping). Everything below is exact for any length L:
       W = (Delta + (1+zeta) P P^*)^-1,  Delta = diag((2/dt)(1-zeta) - (1+zeta) Lambda_n),
   a diagonal (Cauchy) term minus a rank-R Woodbury term; no singularity at zeta = -1.
 * Kernel: K_hat(zeta) = C~ (I - zeta dA)^-1 dB with the truncated generating function correction
-  C~ = C (I - dA^T), then an inverse FFT. C is the TRUE C (a parameter); C~ is formed per length.
-  Lengths above `block_size` are cut into blocks of T: block b uses C dA^(bT) in place of C, so
-  no (H, N, L) tensor is ever built and the kernel costs one batched matmul over the blocks.
+  C~ = C (I - dA^T), then an inverse FFT. Lengths above `block_size` are cut into blocks of T:
+  block b uses C dA^(bT) in place of C, so no (H, N, L) tensor is ever built and the kernel costs
+  one batched matmul over the blocks.
+* What the parameter C holds. Given `l_max` (the training length at this layer's rate, up to
+  `max_tilde_len`), it is C~ for that length, as in the reference implementation: the training
+  kernel is then the Cauchy sums alone, with no N x N matrix powers (or their gradients), which
+  were two fifths of a CPU training step. Every other use (other lengths, step, reading a prompt)
+  takes the true C = C~ (I - dA^l_max)^-1 (`ssm()`). Without `l_max` the parameter is the true C
+  (the limit l_max -> infinity, where dA^l_max -> 0).
 * forward_with_state: the initial state's echo 2 Re(C dA^(t+1) x0) uses the row kernel
   C~ W M2 (same machinery; skipped when x0 = 0); the final state x_L = dA^L x0 +
   sum_j dA^j dB u_(L-1-j) uses f_j (the inverse FFT of 2 W B: dA^j dB aliased by (I - dA^T)^-1,
@@ -40,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
+from ssmgen.backends.cauchy import cauchy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +96,11 @@ def _inv(M: Tensor) -> Tensor:
 def _roots(T: int, cdtype: torch.dtype, device) -> Tensor:
     k = torch.arange(T, dtype=torch.float64, device=device)
     return torch.polar(torch.ones_like(k), -2 * math.pi * k / T).to(cdtype)
+
+
+def _hi(device) -> torch.dtype:
+    """The dtype of the dense N x N work: float64 (float32 on MPS, which has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def _flush(M: Tensor) -> Tensor:
@@ -164,11 +176,15 @@ class S4(ComplexModeState, SequenceBackend):
     """S4 (DPLR, HiPPO-LegS init, bilinear) with D skip; no output projection of its own."""
 
     has_output_projection = False
+    takes_length = True
     #: Largest FFT block of the kernel machinery (a power of two). Longer sequences are blocked.
     block_size: int = 2048
+    #: Longest `l_max` whose kernel is one Cauchy block from C~ (H * l_max * N/2 complex values per
+    #: intermediate); a longer training length keeps the true C and the blocked machinery.
+    max_tilde_len: int = 8192
 
     def __init__(self, d_model: int, d_state: int = 64, rank: int = 1, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, lr: float | None = 1e-3) -> None:
+                 dt_max: float = 1e-1, lr: float | None = 1e-3, l_max: int | None = None) -> None:
         super().__init__(d_model)
         if d_state < 2 or d_state % 2:
             raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
@@ -176,13 +192,16 @@ class S4(ComplexModeState, SequenceBackend):
             raise ValueError(f"rank must be >= 1, got {rank}")
         H, N2 = d_model, d_state // 2
         self.d_state, self.rank, self.lr = d_state, rank, lr
+        #: The length C~ is parameterized for, or None (the parameter is the true C).
+        self.l_max = l_max if l_max is not None and 0 < l_max <= self.max_tilde_len else None
         lam, P, B, _ = hippo_legs_nplr(d_state, rank)
         # Shared by all channels (one SSM copy): Lambda, P, B.
         self.log_A_real = nn.Parameter(torch.log(-lam.real).float())
         self.A_imag = nn.Parameter(lam.imag.float())
         self.P = nn.Parameter(torch.view_as_real(P).float().contiguous())  # (R, N/2, 2)
         self.B = nn.Parameter(torch.view_as_real(B).float().contiguous())  # (N/2, 2)
-        # Per channel: C ~ CN(0, 1) (the true C, real pairs), D, log dt ~ U[log dt_min, log dt_max].
+        # Per channel: C ~ CN(0, 1) (C~ or the true C, see above; real pairs), D,
+        # log dt ~ U[log dt_min, log dt_max].
         self.C = nn.Parameter(torch.randn(H, N2, 2) * math.sqrt(0.5))
         self.D = nn.Parameter(torch.randn(H))
         self.log_dt = nn.Parameter(
@@ -192,14 +211,43 @@ class S4(ComplexModeState, SequenceBackend):
         return [self.log_A_real, self.A_imag, self.P, self.B, self.log_dt]
 
     # --- parameters ------------------------------------------------------------------------------
-    def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
-        """(dt (H,), Lambda (N/2,), P (R, N/2), B (N/2,), C (H, N/2)), the last four complex;
-        computed in `dtype` (default: the parameters' own)."""
+    def _params(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+        """(dt, Lambda, P, B, C as stored: C~ for l_max, or the true C without l_max)."""
         def get(p: Tensor) -> Tensor:
             return p if dtype is None else p.to(dtype)
         lam = torch.complex(-torch.exp(get(self.log_A_real)), get(self.A_imag))
         P, B, C = (torch.view_as_complex(get(p).contiguous()) for p in (self.P, self.B, self.C))
         return torch.exp(get(self.log_dt)), lam, P, B, C
+
+    def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+        """(dt (H,), Lambda (N/2,), P (R, N/2), B (N/2,), C (H, N/2)), the last four complex, C the
+        true C; computed in `dtype` (default: the parameters' own)."""
+        dt, lam, P, B, C = self._params(dtype)
+        if self.l_max is None:
+            return dt, lam, P, B, C
+        # C (I - dA^l) = C~ on the real form: rows g (I - A^l) = g~, solved in float64.
+        hi = _hi(self.log_dt.device)
+        Ahat = self.transition_matrix(self._dynamics(hi))
+        Al = _matpow(_powers(Ahat, self.l_max), self.l_max)
+        eye = torch.eye(Al.shape[-1], dtype=hi, device=Al.device)
+        N2 = self.d_state // 2
+        gt = torch.cat([2 * C.real, -2 * C.imag], -1).to(hi)
+        g = torch.linalg.solve((eye - Al).transpose(1, 2), gt.unsqueeze(-1)).squeeze(-1)
+        return dt, lam, P, B, (torch.complex(g[..., :N2], -g[..., N2:]) / 2).to(C.dtype)
+
+    def _dynamics(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The `prepare_step` tensors that do not involve C and D (all `advance` needs)."""
+        dt, lam, P, B, _ = self._params(dtype)
+        E = 2 / dt[:, None] + lam
+        G = 1 / (2 / dt[:, None] - lam)
+        S = 2 * torch.einsum("rn,hn,sn->hrs", P.conj(), G, P).real
+        S = S + torch.eye(P.shape[0], dtype=S.dtype, device=S.device)
+        planar = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731
+        Pp = planar(P)
+        return {"E1": torch.cat([E.real, E.real], -1), "E2": torch.cat([-E.imag, E.imag], -1),
+                "G1": torch.cat([G.real, G.real], -1), "G2": torch.cat([-G.imag, G.imag], -1),
+                "P": Pp, "P2": 2 * Pp, "GP": planar(G[:, None, :] * P), "Sinv": torch.linalg.inv(S),
+                "B2": planar(2 * B)}
 
     def prepare_step(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Real tensors for the O(N) Woodbury step (`advance`), exportable as they are.
@@ -212,17 +260,8 @@ class S4(ComplexModeState, SequenceBackend):
         Sinv = (I + 2 Re(P^* G P))^-1 (H, R, R); B2 = rho(2 B) (N,); C = [2 Re C, -2 Im C] (H, N)
         so that y = C . rho(x) + D u; D (H,).
         """
-        dt, lam, P, B, C = self.ssm(dtype)
-        E = 2 / dt[:, None] + lam
-        G = 1 / (2 / dt[:, None] - lam)
-        S = 2 * torch.einsum("rn,hn,sn->hrs", P.conj(), G, P).real
-        S = S + torch.eye(P.shape[0], dtype=S.dtype, device=S.device)
-        planar = lambda z: torch.cat([z.real, z.imag], -1)  # noqa: E731
-        Pp = planar(P)
-        return {"E1": torch.cat([E.real, E.real], -1), "E2": torch.cat([-E.imag, E.imag], -1),
-                "G1": torch.cat([G.real, G.real], -1), "G2": torch.cat([-G.imag, G.imag], -1),
-                "P": Pp, "P2": 2 * Pp, "GP": planar(G[:, None, :] * P), "Sinv": torch.linalg.inv(S),
-                "B2": planar(2 * B), "C": torch.cat([2 * C.real, -2 * C.imag], -1),
+        C = self.ssm(dtype)[4]
+        return {**self._dynamics(dtype), "C": torch.cat([2 * C.real, -2 * C.imag], -1),
                 "D": self.D if dtype is None else self.D.to(dtype)}
 
     @staticmethod
@@ -252,7 +291,7 @@ class S4(ComplexModeState, SequenceBackend):
     # --- the parallel machinery ------------------------------------------------------------------
     def transition_matrix(self, k: dict[str, Tensor] | None = None) -> Tensor:
         """dA as a real (H, N, N) matrix acting on rho(x) = [Re x; Im x]."""
-        k = self.prepare_step() if k is None else k
+        k = self._dynamics() if k is None else k
         eye = torch.eye(self.d_state, dtype=k["E1"].dtype, device=k["E1"].device).unsqueeze(1)
         return self.advance(k, eye).permute(1, 2, 0)  # column j = rho(dA e_j)
 
@@ -260,7 +299,7 @@ class S4(ComplexModeState, SequenceBackend):
         T = L if L <= self.block_size else self.block_size
         return T, -(-L // T)
 
-    def _cauchy(self, T: int, ct: Tensor):
+    def _cauchy(self, T: int, ct: Tensor, keep_q: bool = False):
         """Cauchy sums at zeta_k = exp(-2 pi i k/T), k < T, over the stored half of the modes.
 
         With q_n = 1/Delta_n (H, T, N/2) one batched matmul gives every sum the Woodbury form
@@ -268,21 +307,25 @@ class S4(ComplexModeState, SequenceBackend):
         Returns (S, parts): S (H, nb, T) = ct_b (I - zeta dA)^-1 dB summed over the half modes
         (the kernel is 2 Re ifft S), parts = (q, z1, Kinv, coef) for `_state_maps`.
         """
-        dt, lam, P, B, _ = self.ssm()
+        dt, lam, P, B, _ = self._params()
         R, nb = P.shape[0], ct.shape[1]
         zeta = _roots(T, lam.dtype, lam.device)
         z1 = (1 + zeta)[:, None]  # (T, 1)
-        q = 1 / ((2 / dt)[:, None, None] * (1 - zeta)[:, None] - z1 * lam)  # (H, T, N/2)
+        a, b = (2 / dt)[:, None] * (1 - zeta), z1 * lam  # q = 1 / (a[h, k] - b[k, n])
         Pc = P.conj()
-        H = q.shape[0]
+        H = a.shape[0]
         cols = torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)  # (R*R+R, n)
         cols = torch.cat([cols.expand(H, -1, -1), ct * B, (ct[:, :, None, :] * P).flatten(1, 2)], 1)
-        sums = q @ cols.transpose(1, 2)  # (H, T, R*R + R + nb + nb*R)
+        if keep_q:  # the state maps need the (H, T, N/2) reciprocals themselves
+            q = 1 / (a.unsqueeze(-1) - b)
+            sums = q @ cols.transpose(1, 2)  # (H, T, R*R + R + nb + nb*R)
+        else:
+            q, sums = None, cauchy(a, b, cols)
         Mpp = _full(sums[..., : R * R]).unflatten(-1, (R, R))
         sPB = _full(sums[..., R * R: R * R + R])
         sCB = sums[..., R * R + R: R * R + R + nb].transpose(1, 2)  # (H, nb, T)
         sCP = sums[..., R * R + R + nb:].unflatten(-1, (nb, R)).transpose(1, 2)  # (H, nb, T, R)
-        eye = torch.eye(R, dtype=q.dtype, device=q.device)
+        eye = torch.eye(R, dtype=sums.dtype, device=sums.device)
         Kinv = _inv(eye + z1[..., None] * Mpp)  # Woodbury core (H, T, R, R)
         coef = z1 * torch.einsum("htrs,hts->htr", Kinv, sPB)  # (H, T, R)
         S = 2 * (sCB - (sCP * coef.unsqueeze(1)).sum(-1))
@@ -291,7 +334,7 @@ class S4(ComplexModeState, SequenceBackend):
     def _state_maps(self, ct0: Tensor, parts, echo: bool) -> tuple[Tensor, Tensor | None]:
         """The resolvent vectors X = (I - zeta dA)^-1 dB and (if `echo`), for the row ct0 (H, N/2),
         the echo rows ct0~ (I - zeta dA)^-1 dA = ct0~ W M2, both (H, T, N/2) (half modes)."""
-        dt, lam, P, B, _ = self.ssm()
+        dt, lam, P, B, _ = self._params()
         q, z1, Kinv, coef = parts
         Pc = P.conj()
         X = 2 * q * (B - _lowrank(coef, P))
@@ -316,19 +359,19 @@ class S4(ComplexModeState, SequenceBackend):
         """The dense N x N work (dA, its powers, C~) runs in float64 whatever the parameters'
         dtype: it is tiny, and dA^T's sensitivity grows with T (float32 lost 1e-4 at T = 4096)."""
         T, nb = self._plan(L)
-        hi = torch.float32 if self.log_dt.device.type == "mps" else torch.float64  # no f64 on MPS
-        Ahat = self.transition_matrix(self.prepare_step(hi))
+        hi = _hi(self.log_dt.device)
+        Ahat = self.transition_matrix(self._dynamics(hi))
         sq = _powers(Ahat, T)
         AT = _matpow(sq, T)
         gt, ct = self._rows(self.ssm(hi)[4], AT, nb)
-        ct = ct.to(self.ssm()[1].dtype)
+        ct = ct.to(self._params()[1].dtype)
         if not with_state:  # S4's kernel: Cauchy sums of C~_b against the Woodbury resolvent
             S, parts = self._cauchy(T, ct)
             K = 2 * torch.fft.ifft(S, dim=-1).real
             return K.reshape(self.d_model, nb * T)[:, :L], None
         # With a state the resolvent vectors X are needed anyway: their inverse FFT f_j (aliased
         # dA^j dB) against the real rows gives the same kernel by one real matmul.
-        _, parts = self._cauchy(T, ct[:, :1])
+        _, parts = self._cauchy(T, ct[:, :1], keep_q=True)
         X, Grow = self._state_maps(ct[:, 0], parts, echo)
         f = torch.view_as_real(torch.fft.ifft(X, dim=1)).flatten(2)  # (H, T, N) pairs interleaved
         N2 = self.d_state // 2
@@ -338,7 +381,15 @@ class S4(ComplexModeState, SequenceBackend):
 
     def kernel(self, L: int) -> Tensor:
         """K (H, L): K_l = 2 Re(C dA^l dB)."""
+        if self.l_max is not None and L <= self.l_max:
+            return self.tilde_kernel()[:, :L]
         return self._kernel_parts(L, False)[0]
+
+    def tilde_kernel(self) -> Tensor:
+        """K (H, l_max) straight from the parameter C~: the Cauchy sums at the l_max-th roots of
+        unity and one inverse FFT (the fast path of training; `_kernel_parts` is its reference)."""
+        S, _ = self._cauchy(self.l_max, self._params()[4][:, None, :])
+        return 2 * torch.fft.ifft(S[:, 0], dim=-1).real
 
     # --- modes -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
