@@ -14,16 +14,18 @@ from ssmgen.backends.s4 import S4, hippo_legs_nplr
 B = 2
 
 
-def make(H=4, d_state=16, rank=1, dtype=torch.float64, seed=0, block=None, scale=0.1):
+def make(H=4, d_state=16, rank=1, dtype=torch.float64, seed=0, block=None, scale=0.1, l_max=None):
     torch.manual_seed(seed)
-    layer = perturb(S4(H, d_state=d_state, rank=rank), scale=scale, seed=seed).to(dtype).eval()
+    layer = S4(H, d_state=d_state, rank=rank, l_max=l_max)
+    layer = perturb(layer, scale=scale, seed=seed).to(dtype).eval()
     if block is not None:
         layer.block_size = block
     return layer
 
 
 def dense(layer):
-    """(dA (H, M, M), dB (H, M), C (H, M)) in complex128 over all M = 2*(N/2) modes."""
+    """(dA (H, M, M), dB (H, M), C (H, M)) in complex128 over all M = 2*(N/2) modes. With l_max
+    the parameter is C~ = C (I - dA^l_max): C comes from an explicit inverse and matrix power."""
     cplx = lambda p: torch.view_as_complex(p.to(torch.float64).contiguous())  # noqa: E731
     lam = torch.complex(-torch.exp(layer.log_A_real.double()), layer.A_imag.double())
     P, Bv, C = cplx(layer.P), cplx(layer.B), cplx(layer.C)
@@ -35,7 +37,11 @@ def dense(layer):
     M1 = eye - dt[:, None, None] / 2 * A
     dA = torch.linalg.solve(M1, eye + dt[:, None, None] / 2 * A)
     dB = dt[:, None] * torch.linalg.solve(M1, torch.cat([Bv, Bv.conj()]).expand(len(dt), -1))
-    return dA, dB, torch.cat([C, C.conj()], -1)
+    C = torch.cat([C, C.conj()], -1)
+    if layer.l_max is not None:
+        C = (C.unsqueeze(1) @ torch.linalg.inv(eye - torch.linalg.matrix_power(dA, layer.l_max)))
+        C = C.squeeze(1)
+    return dA, dB, C
 
 
 def dense_kernel(layer, L):
@@ -149,6 +155,56 @@ def test_step_matches_naive_recurrence_rank2():
     y_ref, s_ref = naive_run(layer, x, s0)
     torch.testing.assert_close(y, y_ref, atol=1e-11, rtol=1e-10)
     torch.testing.assert_close(s[0], s_ref[0], atol=1e-11, rtol=1e-10)
+
+
+# --- C learned as C~ for the training length (l_max) ---------------------------------------------
+
+def test_l_max_beyond_the_one_block_limit_keeps_the_true_C():
+    assert S4(2, 16, l_max=64).l_max == 64
+    assert S4(2, 16, l_max=S4.max_tilde_len * 2).l_max is None and S4(2, 16).l_max is None
+
+
+@pytest.mark.parametrize("L", [64, 41, 1, 150])  # the training length, prefixes, and beyond it
+def test_tilde_kernel_matches_dense_reference(L):
+    layer = make(H=3, d_state=16, l_max=64, block=32)
+    with torch.no_grad():
+        k = layer.kernel(L)
+        fast = layer.tilde_kernel()  # the training path: Cauchy sums of C~ alone
+    ref = dense_kernel(layer, max(L, 64))
+    torch.testing.assert_close(k, ref[:, :L], atol=1e-11 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(fast, ref[:, :64], atol=1e-11 * ref.abs().max().item(), rtol=0)
+
+
+def test_tilde_kernel_gradient_matches_dense_reference():
+    layer = make(H=2, d_state=64, l_max=256)
+    w = torch.randn(2, 256, dtype=torch.float64)
+    params = list(layer.parameters())
+    g_fast = torch.autograd.grad((layer.kernel(256) * w).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((dense_kernel(layer, 256) * w).sum(), params, allow_unused=True)
+    for p, a, b in zip(params, g_fast, g_ref):
+        if b is None:  # D does not enter the kernel
+            assert a is None or a.abs().max() == 0
+            continue
+        torch.testing.assert_close(a, b, atol=1e-9 * b.abs().max().item(), rtol=0)
+
+
+def test_tilde_modes_match_naive_recurrence():
+    """Parallel (C~), prompt read and step (the true C) all run the recurrence of the true C."""
+    layer = make(H=3, d_state=16, l_max=32)
+    x = torch.randn(B, 70, 3, dtype=torch.float64)
+    s0 = rand_state(layer)
+    zero = layer.initial_state(B, dtype=torch.float64)
+    with torch.no_grad():
+        y_par = layer(x[:, :32])
+        y_fws, s_fws = layer.forward_with_state(x, s0)
+        y_step, s_step = step_through(layer, x, s0)
+    y_ref0, _ = naive_run(layer, x[:, :32], zero)
+    y_ref, s_ref = naive_run(layer, x, s0)
+    torch.testing.assert_close(y_par, y_ref0, atol=1e-10, rtol=1e-9)
+    for y, s in ((y_fws, s_fws), (y_step, s_step)):
+        torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
+        for a, b in zip(s, s_ref):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 # --- the three modes agree -----------------------------------------------------------------------
