@@ -22,7 +22,8 @@ def one(preset: str, backend: str, batch: int, length: int, repeats: int, device
     from ssmgen.model import SaShiMi
     from ssmgen.train import make_optimizer
 
-    cfg = load_config(preset, backend=backend)
+    # trained at this length: S4 parameterizes its C for it (model.seq_len)
+    cfg = load_config(preset, backend=backend, overrides=[f"train.sample_len={length}"])
     model = SaShiMi(cfg.model).to(device)
     opt = make_optimizer(model, cfg)
     x = torch.randint(0, 256, (batch, length), device=device)
