@@ -29,7 +29,9 @@ def exp_floored(X, n, floor, scratch):
     """X[:n] = exp(X[:n]) in place, and exactly 0 where X < floor (MIN_FLOOR <= floor <= 0).
 
     float32: Cephes expf, within 1 ulp of exp for X in [floor, 0] (values above 0 are not expected:
-    these are decays), 0.8 ns per value against libm's 4-6 ns. `scratch`: int32, at least n long,
+    these are decays), 0.8 ns per value against libm's 4-6 ns. Called from a fastmath kernel,
+    numba compiles it with the caller's flags: reassociation merges the two-part ln 2 of the range
+    reduction, which costs up to 4 ulps at the bottom of the range. `scratch`: int32, at least n long,
     for the powers of two (built in the exponent bits; a separate array, because writing the
     bits through an int view of X itself kept LLVM from vectorizing). float64 (the exact
     reference path of the tests): libm, scratch unused."""
