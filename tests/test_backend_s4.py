@@ -146,6 +146,21 @@ def test_forward_with_state_matches_naive_recurrence(block, L):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
+def test_wide_layers_get_shorter_blocks():
+    layer = make(H=4, d_state=16)
+    assert layer._plan(5000) == (2048, 3)
+    layer.block_elems = 4 * 64  # as wide as H = 4 * 2048 / 64 would be: blocks of 64
+    assert layer._plan(300) == (64, 5) and layer._plan(50) == (50, 1)
+    x = torch.randn(B, 300, 4, dtype=torch.float64)
+    s0 = rand_state(layer)
+    with torch.no_grad():
+        y, s = layer.forward_with_state(x, s0)
+    y_ref, s_ref = naive_run(layer, x, s0)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
+    for a, b in zip(s, s_ref):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
 def test_step_matches_naive_recurrence_rank2():
     layer = make(H=3, d_state=16, rank=2)
     x = torch.randn(B, 40, 3, dtype=torch.float64)

@@ -179,6 +179,8 @@ class S4(ComplexModeState, SequenceBackend):
     takes_length = True
     #: Largest FFT block of the kernel machinery (a power of two). Longer sequences are blocked.
     block_size: int = 2048
+    #: Budget of H x T for the blocked machinery (2048 at H = 64, 512 at H = 256).
+    block_elems: int = 64 * 2048
     #: Longest `l_max` whose kernel is one Cauchy block from C~ (H * l_max * N/2 complex values per
     #: intermediate); a longer training length keeps the true C and the blocked machinery.
     max_tilde_len: int = 8192
@@ -296,7 +298,13 @@ class S4(ComplexModeState, SequenceBackend):
         return self.advance(k, eye).permute(1, 2, 0)  # column j = rho(dA e_j)
 
     def _plan(self, L: int) -> tuple[int, int]:
-        T = L if L <= self.block_size else self.block_size
+        """Block length T and block count: T <= block_size, halved (down to 64) while the
+        (H, T, N/2) tensors would exceed H T = block_elems (wide tiers get shorter blocks: the
+        dense N x N work depends on log L only, the Cauchy and FFT work on H T)."""
+        cap = self.block_size
+        while cap > 64 and self.d_model * cap > self.block_elems:
+            cap //= 2
+        T = L if L <= cap else cap
         return T, -(-L // T)
 
     def _cauchy(self, T: int, ct: Tensor, keep_q: bool = False):
