@@ -13,6 +13,7 @@ processes compute the same update as one process with the same global batch. Ran
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -169,6 +170,9 @@ def train(data: str | Path, cfg: Config, out: str | Path | None = None, *, resum
         raise UserError(f"{run}: a run already lives here (use --resume to continue it, or --out)")
     if cfg.train.max_steps is None and cfg.train.max_minutes is None:
         raise UserError("say how long to train: --max-steps or --max-minutes")
+    if state is None and cfg.model.seq_len is None:  # a config not made by load_config
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 seq_len=cfg.train.sample_len))
     if cfg.train.batch_size % world:
         raise UserError(f"--batch-size {cfg.train.batch_size} is not divisible by the "
                         f"{world} processes")
