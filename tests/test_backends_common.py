@@ -51,6 +51,19 @@ def test_parallel_equals_step_over_4096_samples(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_final_state_equals_the_state_of_forward_with_state(name):
+    layer = make(name, torch.float64)
+    x = torch.randn(B, 301, H, dtype=torch.float64)
+    s0 = tuple(0.3 * torch.randn_like(t) for t in layer.initial_state(B, dtype=torch.float64))
+    with torch.no_grad():
+        for start in (layer.initial_state(B, dtype=torch.float64), s0):
+            _, want = layer.forward_with_state(x, start)
+            got = layer.final_state(x, start)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_prefix_handoff_and_chunks(name):
     layer = make(name, torch.float64)
     x = torch.randn(B, 301, H, dtype=torch.float64)

@@ -69,6 +69,24 @@ def test_prompt_read_in_parallel_then_step_equals_stepping(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_prompt_read_without_logits_gives_the_same_state(name):
+    """logits=False skips the finest tier's last block outputs and FF: the state must not move."""
+    model = tiny(name)
+    tokens = torch.randint(0, 256, (2, 16 * 4 + 5))
+    with torch.no_grad():
+        _, ref = model.forward_with_state(tokens, model.initial_state(2))
+        none, fast = model.forward_with_state(tokens, model.initial_state(2), logits=False)
+        _, s1 = model.forward_with_state(tokens[:, :21], model.initial_state(2))  # off a frame
+        _, ref2 = model.forward_with_state(tokens[:, 21:], s1)
+        _, fast2 = model.forward_with_state(tokens[:, 21:], s1, logits=False)
+    assert none is None
+    for a, b in ((ref, fast), (ref2, fast2)):
+        assert a.t == b.t and a.names() == b.names()
+        for k in a.tensors:
+            assert (a.tensors[k] - b.tensors[k]).abs().max().item() <= 1e-5, k
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("t", [3, 4, 15, 16, 31])
 def test_causal_at_frame_boundaries(name, t):
     model = tiny(name, torch.float64)

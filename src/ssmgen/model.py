@@ -83,6 +83,10 @@ class SequenceBlock(nn.Module):
         y, state = self.layer.step(self.norm(x), state)
         return x + self._post(y), state
 
+    def final_state(self, x: Tensor, state):
+        """The layer's state after x, without the block's output."""
+        return self.layer.final_state(self.norm(x), state)
+
 
 class FFBlock(nn.Module):
     """Pre-LayerNorm residual feed-forward: x + Linear(GELU(Linear(LN(x))))."""
@@ -112,9 +116,14 @@ class Tier(nn.Module):
             y = ff(seq(y))
         return y + x
 
-    def forward_with_state(self, x: Tensor, states: list) -> tuple[Tensor, list]:
+    def forward_with_state(self, x: Tensor, states: list,
+                           output: bool = True) -> tuple[Tensor | None, list]:
+        """`output=False` (the finest tier when no logits are wanted): the last sequence layer
+        yields only its state, and its block's output and the last FF block are skipped."""
         y, new = x, []
-        for seq, ff, s in zip(self.seq, self.ff, states):
+        for j, (seq, ff, s) in enumerate(zip(self.seq, self.ff, states)):
+            if not output and j == len(self.seq) - 1:
+                return None, new + [seq.final_state(y, s)]
             y, s = seq.forward_with_state(y, s)
             y = ff(y)
             new.append(s)
@@ -240,13 +249,13 @@ class SaShiMi(nn.Module):
             if S is not None:
                 new[f"up{i}"] = (up.linear(y[:, -1]).reshape(B, cfg.pool[i], -1)
                                  if y.shape[1] else prev)
-            y = self._run_tier(i, z, S, new)
+            y = self._run_tier(i, z, S, new, output=head or i > 0)
         logits = self.head(self.norm(y)) if head else None
         if state is None:
             return logits, None
         return logits, ModelState(state.t + tokens.shape[1], self._ordered(new))
 
-    def _run_tier(self, level: int, x: Tensor, S, new: dict) -> Tensor:
+    def _run_tier(self, level: int, x: Tensor, S, new: dict, output: bool = True) -> Tensor:
         tier = self._tier(level)
         if S is None:
             return tier(x) if x.shape[1] else x
@@ -257,7 +266,7 @@ class SaShiMi(nn.Module):
             return x
         names = self._layer_names(level)
         states = [tuple(S[f"{prefix}.{n}"] for n in names_j) for prefix, names_j in names]
-        y, states = tier.forward_with_state(x, states)
+        y, states = tier.forward_with_state(x, states, output)
         for (prefix, names_j), s in zip(names, states):
             for n, t in zip(names_j, s):
                 new[f"{prefix}.{n}"] = t

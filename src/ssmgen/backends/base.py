@@ -55,6 +55,12 @@ class SequenceBackend(nn.Module):
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
+    def final_state(self, x: Tensor, state: State) -> State:
+        """The state after x (B, L, H) from `state`, when its outputs are not wanted (the last
+        layer of a prompt read). Default: `forward_with_state`'s; a convolution backend can skip
+        the convolution."""
+        return self.forward_with_state(x, state)[1]
+
     def state_names(self) -> list[str]:
         """One short name per tensor of the state, in order (used for ONNX input/output names)."""
         raise NotImplementedError

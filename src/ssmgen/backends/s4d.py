@@ -178,6 +178,12 @@ class S4D(ComplexModeState, SequenceBackend):
         if bool(s0.real.any() or s0.imag.any()):  # a prompt read from silence has nothing to echo
             # The initial state's echo: y_t += 2 Re(sum_n C_n dA_n^(t+1) s0_n).
             y = y + 2 * vandermonde(C * s0, dtA, L, offset=1)
-        # Final state: dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product).
-        s = torch.exp(dtA * L) * s0 + dB * vandermonde_transposed(u.flip(-1), dtA.unsqueeze(0))
-        return y.transpose(1, 2), (s.real.contiguous(), s.imag.contiguous())
+        return y.transpose(1, 2), self.final_state(x, state)
+
+    def final_state(self, x: Tensor, state: State) -> State:
+        # dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product): no convolution.
+        u = x.transpose(1, 2)
+        dtA, dB, _ = self.discrete()
+        s = (torch.exp(dtA * u.shape[-1]) * torch.complex(*state)
+             + dB * vandermonde_transposed(u.flip(-1), dtA.unsqueeze(0)))
+        return s.real.contiguous(), s.imag.contiguous()
