@@ -223,7 +223,8 @@ class S4(ComplexModeState, SequenceBackend):
 
     def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
         """(dt (H,), Lambda (N/2,), P (R, N/2), B (N/2,), C (H, N/2)), the last four complex, C the
-        true C; computed in `dtype` (default: the parameters' own)."""
+        true C; computed in `dtype` (default: the parameters' own). With `l_max` this costs log2 l_max
+        dense N x N products and a solve: callers cache it (`prepare_step` via the step cache)."""
         dt, lam, P, B, C = self._params(dtype)
         if self.l_max is None:
             return dt, lam, P, B, C
@@ -313,7 +314,8 @@ class S4(ComplexModeState, SequenceBackend):
         With q_n = 1/Delta_n (H, T, N/2) one batched matmul gives every sum the Woodbury form
         needs: P^* Q P (full), P^* Q B (full), and per row b of ct (H, nb, N/2): ct Q B, ct Q P.
         Returns (S, parts): S (H, nb, T) = ct_b (I - zeta dA)^-1 dB summed over the half modes
-        (the kernel is 2 Re ifft S), parts = (q, z1, Kinv, coef) for `_state_maps`.
+        (the kernel is 2 Re ifft S), parts = (q, z1, Kinv, coef) for `_state_maps`: q only with
+        `keep_q`; otherwise the sums come from `cauchy` (compiled on CPU) and q is never built.
         """
         dt, lam, P, B, _ = self._params()
         R, nb = P.shape[0], ct.shape[1]
