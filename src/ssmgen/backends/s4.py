@@ -223,8 +223,9 @@ class S4(ComplexModeState, SequenceBackend):
 
     def ssm(self, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
         """(dt (H,), Lambda (N/2,), P (R, N/2), B (N/2,), C (H, N/2)), the last four complex, C the
-        true C; computed in `dtype` (default: the parameters' own). With `l_max` this costs log2 l_max
-        dense N x N products and a solve: callers cache it (`prepare_step` via the step cache)."""
+        true C; computed in `dtype` (default: the parameters' own). With `l_max` this costs
+        log2 l_max dense N x N products and a solve: callers cache it (`prepare_step` via the step
+        cache)."""
         dt, lam, P, B, C = self._params(dtype)
         if self.l_max is None:
             return dt, lam, P, B, C
