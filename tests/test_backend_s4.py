@@ -263,16 +263,17 @@ def test_causal():
     assert d2.amax(-1)[0, :50].max().item() < 1e-12
 
 
-def test_step_cache_is_never_stale():
-    layer = make(H=4, d_state=16, dtype=torch.float32)
+@pytest.mark.parametrize("l_max", [None, 32])  # with l_max the true C is a cached solve too
+def test_step_cache_is_never_stale(l_max):
+    layer = make(H=4, d_state=16, dtype=torch.float32, l_max=l_max)
     x = torch.randn(B, 4)
     s0 = rand_state(layer, dtype=torch.float32)
     with torch.no_grad():
         y0, _ = layer.step(x, s0)
-        for p in (layer.P, layer.log_dt):
+        for p in (layer.P, layer.log_dt, layer.C):
             p.add_(0.05 * torch.randn_like(p))
         y1, st1 = layer.step(x, s0)
-        fresh = S4(4, d_state=16)
+        fresh = S4(4, d_state=16, l_max=l_max)
         fresh.load_state_dict(layer.state_dict())
         y2, st2 = fresh.eval().step(x, s0)
         y3, _ = layer.forward_with_state(x[:, None], s0)
