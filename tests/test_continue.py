@@ -1,6 +1,7 @@
 """`ssmgen continue`: any song as the prompt, read in parallel, outputs and their sidecars."""
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -95,12 +96,16 @@ def test_only_new_and_join(ckpt, song, tmp_path):
     (lambda p: p, "no such checkpoint"),
     (lambda p: (p.write_text("not a checkpoint"), p)[1], "not a readable ssmgen checkpoint"),
     (lambda p: (torch.save({"weights": torch.zeros(3)}, p), p)[1], "not an ssmgen checkpoint"),
+    (lambda p: (torch.save({"obj": Fraction(1, 3)}, p), p)[1], "holds Python objects"),
+    (lambda p: (torch.save({"w": torch.zeros(1000)}, p), p.write_bytes(p.read_bytes()[:-300]),
+                p)[2], "truncated or damaged"),
 ])
 def test_bad_checkpoints_give_one_line(song, tmp_path, make_bad, message):
     bad = make_bad(tmp_path / "bad.pt")
     r = ssmgen("continue", song, "--model", bad, "--seconds", 0.1, "--quiet",
                "--out", tmp_path / "o.wav")
     assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "weights_only" not in r.stderr  # torch's advice to load unsafely never reaches users
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 

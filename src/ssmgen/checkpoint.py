@@ -7,6 +7,8 @@ weights, the full resolved config, the data format (rate, encoding, normalizatio
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +45,29 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def _load_failure(e: Exception) -> str:
+    """Why torch.load refused a file, in words for the user. torch's own message for a refused
+    pickle advises loading with weights_only=False, which ssmgen never does."""
+    msg = " ".join(str(e).split())
+    if "Unsupported global" in msg:
+        name = re.search(r"GLOBAL (\S+)", msg)
+        what = f" ({name.group(1)})" if name else ""
+        return (f"it holds Python objects{what}, not only tensors and plain data; ssmgen does not "
+                "load those, because loading them could run code")
+    if isinstance(e, pickle.UnpicklingError) or "load key" in msg:
+        return "not a PyTorch checkpoint file"
+    if "zip archive" in msg or isinstance(e, (OSError, EOFError)):
+        return "truncated or damaged file"
+    return f"{type(e).__name__}: {msg[:160]}"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check an ssmgen checkpoint (a file or a run folder). Never executes code from it."""
     p = resolve(path)
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, foreign pickle: all one line for the user
-        raise UserError(f"{p}: not a readable ssmgen checkpoint ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:160]})") from None
+        raise UserError(f"{p}: not a readable ssmgen checkpoint ({_load_failure(e)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{p}: not an ssmgen checkpoint")
     if data.get("format_version", 0) > FORMAT_VERSION:
