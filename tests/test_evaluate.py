@@ -4,8 +4,10 @@ split, per file and overall; bad files give one line and exit 2."""
 import json
 
 import pytest
+import torch
 
 from helpers import make_checkpoint, ssmgen, write_tone
+from ssmgen.checkpoint import save_checkpoint
 from ssmgen.prep import prepare
 
 
@@ -62,3 +64,14 @@ def test_unreadable_audio_is_one_line_naming_it(setup):
     assert r.returncode == 2
     assert "notes.wav" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_split_without_a_recorded_dataset_asks_for_data(setup, tmp_path):
+    root, _, ckpt = setup  # its checkpoint records no dataset, like a slimmed one
+    r = ssmgen("eval", ckpt, "--split", "test")
+    assert r.returncode == 2 and "pass --data" in r.stderr and str(ckpt) in r.stderr, r.stderr
+    data = torch.load(ckpt, weights_only=True)
+    data["dataset"] = str(tmp_path / "moved")
+    moved = save_checkpoint(tmp_path / "m.pt", data)
+    r = ssmgen("eval", moved, "--split", "test")
+    assert r.returncode == 2 and "is not here; pass --data" in r.stderr, r.stderr

@@ -79,9 +79,15 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
-    data_dir = Path(data) if data else Path(ckpt.get("dataset", ""))
-    if not data and not data_dir.is_dir():
-        raise UserError(f"{ckpt['path']}: its dataset {data_dir} is not here; pass --data")
+    if data:
+        data_dir = Path(data)
+    elif not ckpt.get("dataset"):  # e.g. a slimmed checkpoint
+        raise UserError(f"{ckpt['path']}: it does not record the dataset it trained on; pass "
+                        "--data DATASET (or --audio FILE to score audio files)")
+    else:
+        data_dir = Path(ckpt["dataset"])
+        if not data_dir.is_dir():
+            raise UserError(f"{ckpt['path']}: its dataset {data_dir} is not here; pass --data")
     dataset = Dataset(data_dir)
     fmt = dataset.data_format()
     if fmt != ckpt["data_format"]:
