@@ -5,7 +5,8 @@ import pytest
 
 from numba import njit
 
-from ssmgen.vecmath import MIN_FLOOR, exp_floored as shared_exp_floored
+from ssmgen.vecmath import (MIN_FLOOR, exp_floored as shared_exp_floored, log1p_unit, silu,
+                             softplus)
 
 # numba compiles a callee with its caller's fastmath flags and keeps that overload for every later
 # call with the same types: once a fastmath kernel (cpu-fast) has called the shared dispatcher,
@@ -50,3 +51,36 @@ def test_exp_under_a_fastmath_caller_stays_within_four_ulps():
     caller(got, np.empty(len(got), np.int32))
     ref = np.exp(x.astype(np.float64)).astype(np.float32)
     assert (np.abs(got.astype(np.float64) - ref) / np.spacing(ref)).max() <= 4.0
+
+
+def _ulps(got, ref64):
+    return np.abs(got.astype(np.float64) - ref64) / np.spacing(np.abs(ref64).astype(np.float32))
+
+
+@pytest.mark.parametrize("fastmath", [False, True])  # the cpu-fast kernels call them with fastmath
+def test_silu_and_softplus_float32_within_a_few_ulps(fastmath):
+    @njit(fastmath=fastmath)
+    def run(X, which, tmp, scratch):
+        if which == 0:
+            silu(X, len(X), tmp, scratch)
+        else:
+            softplus(X, len(X), tmp, scratch)
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-80, 100, 100_001), rng.standard_normal(1000) * 1e-6,
+                        [0.0, 17.0, 20.0, 20.5, 0.41421356, 0.4142136]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    tmp, scratch = np.empty(len(x), np.float32), np.empty(len(x), np.int32)
+    got = x.copy()
+    run(got, 0, tmp, scratch)
+    assert _ulps(got, x64 / (1 + np.exp(-x64))).max() <= 4.0  # measured 3.1
+    got = x.copy()
+    run(got, 1, tmp, scratch)
+    assert _ulps(got, np.log1p(np.exp(x64))).max() <= 2.0  # measured 1.7
+    assert got[-4] == np.float32(20.0) and got[-3] == np.float32(20.5)  # torch's threshold
+
+
+def test_log1p_keeps_tiny_arguments_exact():
+    y = np.logspace(-30, 0, 2000).astype(np.float32)
+    got = np.array([log1p_unit(v) for v in y], np.float32)
+    assert _ulps(got, np.log1p(y.astype(np.float64))).max() <= 1.0

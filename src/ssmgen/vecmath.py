@@ -51,3 +51,51 @@ def exp_floored(X, n, floor, scratch):
     else:
         for i in range(n):
             X[i] = math.exp(X[i]) if X[i] >= floor else 0.0
+
+
+# Cephes' logf: log(m) = z - z^2 / 2 + z^3 q(z) for m = 1 + z in [sqrt(1/2), sqrt(2)].
+_Q = tuple(np.float32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1,
+                                   -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+                                   2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
+_SQRT2_M1 = np.float32(0.41421356237)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def log1p_unit(y):
+    """log(1 + y) for float32 y in [0, 1], branch-free (vectorizes in a loop). Up to sqrt(2) - 1 the
+    polynomial takes y itself (no rounding of 1 + y, so tiny y keep full relative precision);
+    above, log(1 + y) = log((1 + y) / 2) + ln 2 with (1 + y) / 2 - 1 = (y - 1) / 2."""
+    big = y > _SQRT2_M1
+    z = (y - np.float32(1.0)) * np.float32(0.5) if big else y
+    k = np.float32(1.0) if big else np.float32(0.0)
+    q = _Q[0]
+    for c in _Q[1:]:
+        q = q * z + c
+    z2 = z * z
+    return z + (z2 * z * q - np.float32(0.5) * z2 + k * _LN2_LO) + k * _LN2_HI
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def silu(X, n, tmp, scratch):
+    """X[:n] = X sigmoid(X) in place, float32, vectorized: e = exp(-|x|) in one `exp_floored` pass,
+    then sigmoid = 1 / (1 + e) for x >= 0 and e / (1 + e) below (no overflow, no cancellation).
+    tmp: float32, scratch: int32, each at least n long."""
+    for i in range(n):
+        tmp[i] = -abs(X[i])
+    exp_floored(tmp, n, MIN_FLOOR, scratch)
+    for i in range(n):
+        x = X[i]
+        e = tmp[i]
+        X[i] = x * ((np.float32(1.0) if x >= 0 else e) / (np.float32(1.0) + e))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def softplus(X, n, tmp, scratch):
+    """X[:n] = log(1 + exp(X)) in place, float32, vectorized: max(x, 0) + log1p(exp(-|x|)). Above
+    x = 17 the second term is under half an ulp of x, so this equals torch's `x` past its
+    threshold of 20. tmp: float32, scratch: int32, each at least n long."""
+    for i in range(n):
+        tmp[i] = -abs(X[i])
+    exp_floored(tmp, n, MIN_FLOOR, scratch)
+    for i in range(n):
+        X[i] = max(X[i], np.float32(0.0)) + log1p_unit(tmp[i])

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from ssmgen.backends.selective_scan import EXP_FLOOR
-from ssmgen.vecmath import exp_floored
+from ssmgen.vecmath import exp_floored, silu, softplus
 
 JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
@@ -126,17 +126,19 @@ def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
 def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
     """Mamba (mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise conv, silu;
     x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
-    y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), y [4E, 5E),
-    dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of the step,
-    exponentiated in one vectorized pass (`vecmath.exp_floored`), and its E x N int scratch."""
+    y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), silu(z) [3E, 4E),
+    y [4E, 5E), dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of
+    the step, exponentiated in one vectorized pass (`vecmath.exp_floored`), and its E x N int
+    scratch; before the decays, the vectorized SiLUs and softplus use its first E of each."""
     linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
     convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
     convb = W[lo[3]:lo[3] + E]
     Kp = Kc - 1  # the conv state holds the last d_conv - 1 pre-conv inputs
     for b in range(B):
         cs = S[so[0] + b * E * Kp:so[0] + (b + 1) * E * Kp].reshape(E, Kp)
-        xz = T1[b * tmp:b * tmp + 2 * E]
-        xc = T1[b * tmp + 2 * E:b * tmp + 3 * E]
+        r = b * tmp
+        xz = T1[r:r + 2 * E]
+        xc = T1[r + 2 * E:r + 3 * E]
         for e in range(E):
             acc = convb[e] + xz[e] * convw[e, Kp]
             for k in range(Kp):
@@ -145,7 +147,8 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
                 cs[e, k] = cs[e, k + 1]
             if Kp > 0:
                 cs[e, Kp - 1] = xz[e]
-            xc[e] = acc / (np.float32(1.0) + math.exp(-acc))
+            xc[e] = acc
+        silu(xc, E, T2[r:r + E], T2[r + E * N:r + E * N + E].view(np.int32))
     linear(W, lo[4], lo[5], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
     linear(W, lo[6], lo[7], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
     A = W[lo[8]:lo[8] + E * N].reshape(E, N)
@@ -159,14 +162,17 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
         dt = T1[r + 5 * E:r + 6 * E]
         Bv = T1[r + 6 * E + R:r + 6 * E + R + N]
         Cv = T1[r + 6 * E + R + N:r + 6 * E + R + 2 * N]
+        gate = T1[r + 3 * E:r + 4 * E]
+        gate[:] = xz[E:]
         dA = T2[r:r + E * N]
+        ibuf = T2[r + E * N:r + 2 * E * N].view(np.int32)
+        silu(gate, E, dA, ibuf)
+        softplus(dt, E, dA, ibuf)
         for e in range(E):
             d = dt[e]
-            d = d if d > 20.0 else math.log1p(math.exp(d))  # softplus (torch's threshold 20)
-            dt[e] = d
             for n in range(N):
                 dA[e * N + n] = d * A[e, n]
-        exp_floored(dA, E * N, EXP_FLOOR, T2[r + E * N:r + 2 * E * N].view(np.int32))
+        exp_floored(dA, E * N, EXP_FLOOR, ibuf)
         dA2 = dA.reshape(E, N)
         for e in range(E):
             dx = dt[e] * xc[e]
@@ -175,8 +181,7 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
                 hn = dA2[e, n] * h[e, n] + dx * Bv[n]
                 h[e, n] = hn
                 acc += hn * Cv[n]
-            z = xz[E + e]
-            y[e] = (acc + D[e] * xc[e]) * (z / (np.float32(1.0) + math.exp(-z)))
+            y[e] = (acc + D[e] * xc[e]) * gate[e]
     linear(W, lo[10], lo[11], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
 
 
