@@ -95,7 +95,7 @@ if HAS_NUMBA:
                 row[n] = dt * a[n]
         exp_floored(ebuf, (t1 - t0) * N, EXP_FLOOR, ibuf)
 
-    @njit(parallel=True, **JIT)
+    @njit(parallel=True, fastmath=True, **JIT)  # rows as slices, as in _forward
     def _backward(u, delta, A, Bl, Cl, hkeep, dy, dhlast, chunk, groups,
                   du, ddelta, dA_part, dB_part, dC_part, dh0):  # pragma: no cover - compiled
         """The adjoint of `_forward`. g = dLoss/dh_t runs backwards in time:
@@ -112,8 +112,11 @@ if HAS_NUMBA:
             ebuf = eflat.reshape(chunk, N)
             ibuf = np.empty(chunk * N, dtype=np.int32)
             g = np.empty(N, dtype=u.dtype)
+            zero = np.zeros(1, dtype=u.dtype)[0]
             for d in range(gi * per, min(nd, (gi + 1) * per)):
                 g[:] = dhlast[b, d]
+                arow = A[d]
+                darow = dA_part[b, d]
                 for k in range(K - 1, -1, -1):
                     t0 = k * chunk
                     t1 = min(L, t0 + chunk)
@@ -121,25 +124,33 @@ if HAS_NUMBA:
                     _decays(delta, A, b, d, t0, t1, eflat, ibuf)  # recompute this chunk's decays
                     for t in range(t0, t1):  # and states
                         x = delta[b, d, t] * u[b, d, t]
+                        erow = ebuf[t - t0]
+                        brow = Bl[b, t]
+                        hrow = hbuf[t - t0]
                         for n in range(N):
-                            h[n] = ebuf[t - t0, n] * h[n] + x * Bl[b, t, n]
-                            hbuf[t - t0, n] = h[n]
+                            hn = erow[n] * h[n] + x * brow[n]
+                            h[n] = hn
+                            hrow[n] = hn
                     for t in range(t1 - 1, t0 - 1, -1):
+                        j = t - t0
                         dyt = dy[b, d, t]
                         dt = delta[b, d, t]
                         ut = u[b, d, t]
-                        sd = 0.0
-                        su = 0.0
+                        erow, hrow = ebuf[j], hbuf[j]
+                        hprev = hbuf[j - 1] if j > 0 else hkeep[b, d, k]
+                        brow, crow = Bl[b, t], Cl[b, t]
+                        dbrow, dcrow = dB_part[gi, b, t], dC_part[gi, b, t]
+                        sd = zero
+                        su = zero
                         for n in range(N):
-                            gn = g[n] + dyt * Cl[b, t, n]
-                            dC_part[gi, b, t, n] += dyt * hbuf[t - t0, n]
-                            hprev = hbuf[t - t0 - 1, n] if t > t0 else hkeep[b, d, k, n]
-                            ge = gn * ebuf[t - t0, n] * hprev  # dLoss/d(delta_t A_n)
-                            dA_part[b, d, n] += ge * dt
-                            sd += ge * A[d, n] + gn * ut * Bl[b, t, n]
-                            su += gn * dt * Bl[b, t, n]
-                            dB_part[gi, b, t, n] += gn * dt * ut
-                            g[n] = gn * ebuf[t - t0, n]
+                            gn = g[n] + dyt * crow[n]
+                            dcrow[n] += dyt * hrow[n]
+                            ge = gn * erow[n] * hprev[n]  # dLoss/d(delta_t A_n)
+                            darow[n] += ge * dt
+                            sd += ge * arow[n] + gn * ut * brow[n]
+                            su += gn * dt * brow[n]
+                            dbrow[n] += gn * dt * ut
+                            g[n] = gn * erow[n]
                         ddelta[b, d, t] = sd
                         du[b, d, t] = su
                 dh0[b, d] = g
