@@ -170,8 +170,9 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
         softplus(dt, E, dA, ibuf)
         for e in range(E):
             d = dt[e]
+            row = dA[e * N:(e + 1) * N]
             for n in range(N):
-                dA[e * N + n] = d * A[e, n]
+                row[n] = d * A[e, n]
         exp_floored(dA, E * N, EXP_FLOOR, ibuf)
         dA2 = dA.reshape(E, N)
         for e in range(E):
@@ -302,43 +303,48 @@ def backend_step(kind, W, lo, S, so, U, Y, w, ci, B, cap, T1, T2):
 
 
 @njit(**JIT)
+def add_rows(Y, X, w, B, cap, accumulate):
+    """Y[b, :w] (+)= X[b, :w] over (B, cap) buffers, through row slices: flat computed indices
+    carry wrap-around checks that keep LLVM from vectorizing."""
+    for b in range(B):
+        y = Y[b * cap:b * cap + w]
+        x = X[b * cap:b * cap + w]
+        if accumulate:
+            for i in range(w):
+                y[i] += x[i]
+        else:
+            for i in range(w):
+                y[i] = x[i]
+
+
+@njit(**JIT)
 def run_tier(l, W, LO, S, SO, ci, X, Y, Hn, U, O, HID, T1, T2, w, B):
     """Y = tier_l(X) (both (B, cap) buffers)."""
     cap = ci[C_CAP]
     nl, ffe, glu = ci[C_NL], ci[C_FFE], ci[C_GLU]
-    for b in range(B):
-        for i in range(w):
-            Y[b * cap + i] = X[b * cap + i]
+    add_rows(Y, X, w, B, cap, False)
     for j in range(nl):
         lo = LO[l, j]
         layernorm(Y, Hn, W, lo[N1G], lo[N1B], w, B, cap)
         backend_step(ci[C_KIND], W, lo[BK:], S, SO[l, j], Hn, U, w, ci, B, cap, T1, T2)
         if ci[C_OUTPROJ]:
-            for b in range(B):
-                for i in range(w):
-                    Y[b * cap + i] += U[b * cap + i]
+            add_rows(Y, U, w, B, cap, True)
         else:
             gelu(U, w, B, cap)
             linear(W, lo[OLW], lo[OLB], w, w * (1 + glu), U, 0, cap, O, 0, cap, B)
-            for b in range(B):
-                r = b * cap
-                if glu:
+            if glu:
+                for b in range(B):
+                    r = b * cap
                     for i in range(w):
                         Y[r + i] += O[r + i] / (1.0 + math.exp(-O[r + w + i]))
-                else:
-                    for i in range(w):
-                        Y[r + i] += O[r + i]
+            else:
+                add_rows(Y, O, w, B, cap, True)
         layernorm(Y, Hn, W, lo[N2G], lo[N2B], w, B, cap)
         linear(W, lo[F1W], lo[F1B], w, ffe * w, Hn, 0, cap, HID, 0, ffe * cap, B)
         gelu(HID, ffe * w, B, ffe * cap)
         linear(W, lo[F2W], lo[F2B], ffe * w, w, HID, 0, ffe * cap, O, 0, cap, B)
-        for b in range(B):
-            r = b * cap
-            for i in range(w):
-                Y[r + i] += O[r + i]
-    for b in range(B):
-        for i in range(w):
-            Y[b * cap + i] += X[b * cap + i]
+        add_rows(Y, O, w, B, cap, True)
+    add_rows(Y, X, w, B, cap, True)
 
 
 @njit(**JIT)
@@ -404,8 +410,10 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
         period = 1
         for b in range(B):
             e = GO[G_EMB] + tok[b] * w0
+            xs = Xs[b * cap:b * cap + w0]
+            emb = W[e:e + w0]
             for c in range(w0):
-                Xs[b * cap + c] = W[e + c]
+                xs[c] = emb[c]
         for i in range(npool):
             p = pool[i]
             wi = widths[i]
@@ -414,14 +422,18 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             buf = SG[2 * i]
             xo = i * B * cap
             for b in range(B):
+                slot = S[buf + (b * p + pos) * wi:buf + (b * p + pos + 1) * wi]
+                xs = Xs[xo + b * cap:xo + b * cap + wi]
                 for c in range(wi):
-                    S[buf + b * p * wi + pos * wi + c] = Xs[xo + b * cap + c]
+                    slot[c] = xs[c]
             if i == 0:  # the first pool's linear map of a token is a table row: accumulate it
                 acc = SG[2 * npool]
                 for b in range(B):
                     tr = GO[G_T0] + (pos * 256 + tok[b]) * wn
+                    row = W[tr:tr + wn]
+                    a = S[acc + b * wn:acc + (b + 1) * wn]
                     for c in range(wn):
-                        S[acc + b * wn + c] += W[tr + c]
+                        a[c] += row[c]
             if pos != p - 1:
                 break
             xn = (i + 1) * B * cap
@@ -455,8 +467,11 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             ub = SG[2 * i + 1]
             xo = i * B * cap
             for b in range(B):
+                z = Z[b * cap:b * cap + wi]
+                piece = S[ub + (b * p + pos) * wi:ub + (b * p + pos + 1) * wi]
+                xs = Xs[xo + b * cap:xo + b * cap + wi]
                 for c in range(wi):
-                    Z[b * cap + c] = S[ub + b * p * wi + pos * wi + c] + Xs[xo + b * cap + c]
+                    z[c] = piece[c] + xs[c]
             if i < top:  # the coarser tier ran: refresh this pool's pieces
                 linear(W, GO[10 + 4 * i], GO[11 + 4 * i], widths[i + 1], p * wi, Y, 0, cap,
                        S, ub, p * wi, B)
