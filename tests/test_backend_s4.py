@@ -133,10 +133,9 @@ def test_kernel_full_size_and_lengths_beyond_training():
         torch.testing.assert_close(layer.kernel(777), k[:, :777], atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("block,L", [(None, 123), (32, 123), (32, 96)])
-def test_forward_with_state_matches_naive_recurrence(block, L):
-    layer = make(H=3, d_state=16, rank=1, block=block)
-    x = torch.randn(B, L, 3, dtype=torch.float64)
+def assert_read_matches_naive(layer, L):
+    """forward_with_state from a random state against the plain recurrence."""
+    x = torch.randn(B, L, layer.d_model, dtype=torch.float64)
     s0 = rand_state(layer)
     with torch.no_grad():
         y, s = layer.forward_with_state(x, s0)
@@ -144,6 +143,11 @@ def test_forward_with_state_matches_naive_recurrence(block, L):
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
     for a, b in zip(s, s_ref):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("block,L", [(None, 123), (32, 123), (32, 96)])
+def test_forward_with_state_matches_naive_recurrence(block, L):
+    assert_read_matches_naive(make(H=3, d_state=16, rank=1, block=block), L)
 
 
 def test_wide_layers_get_shorter_blocks():
@@ -151,14 +155,7 @@ def test_wide_layers_get_shorter_blocks():
     assert layer._plan(5000) == (2048, 3)
     layer.block_elems = 4 * 64  # as wide as H = 4 * 2048 / 64 would be: blocks of 64
     assert layer._plan(300) == (64, 5) and layer._plan(50) == (50, 1)
-    x = torch.randn(B, 300, 4, dtype=torch.float64)
-    s0 = rand_state(layer)
-    with torch.no_grad():
-        y, s = layer.forward_with_state(x, s0)
-    y_ref, s_ref = naive_run(layer, x, s0)
-    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
-    for a, b in zip(s, s_ref):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+    assert_read_matches_naive(layer, 300)
 
 
 def test_step_matches_naive_recurrence_rank2():
