@@ -99,5 +99,5 @@ def test_write_wav_is_atomic(tmp_path):
     y, rate = sf.read(out, dtype="float32")
     assert rate == 16000 and np.abs(y - x).max() < 1e-4
     with pytest.raises(UserError, match="already exists"):
-        write_wav(out, x, 16000, overwrite=False)
+        write_wav(out, x, 16000, replace=False)
     assert [p.name for p in out.parent.iterdir()] == ["o.wav"]

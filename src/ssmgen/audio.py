@@ -6,16 +6,17 @@ Everything here works on numpy arrays; nothing imports torch, so the data pipeli
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from ssmgen.atomic import atomic_output
+from ssmgen.atomic import write_bytes, write_text
 from ssmgen.errors import UserError
 
 MU = 255  # mu-law constant for 8-bit audio, as in the SaShiMi reference
@@ -116,8 +117,13 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     that libsndfile can read."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if not path.is_file():
+            raise UserError(f"{path}: not a regular file")
+        if st.st_size == 0:
             raise UserError(f"{path}: empty file")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{path}: no permission to read it")
         info = sf.info(str(path))
     except UserError:
         raise
@@ -131,11 +137,17 @@ def probe(path: str | os.PathLike) -> AudioInfo:
                      str(info.format), str(info.subtype))
 
 
+class NotFiniteAudio(UserError):
+    """A file whose samples hold NaN or infinity (float formats can): unusable as audio."""
+
+
 def iter_mono_blocks(path: str | os.PathLike, rate: int | None = None,
                      block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
     """Decode a file block by block, downmixed to mono (channel mean) and, if `rate` is given,
-    resampled to it with soxr (high quality, streaming, so memory stays bounded). Yields float32."""
+    resampled to it with soxr (high quality, streaming, so memory stays bounded). Yields float32.
+    Raises NotFiniteAudio at the first block holding NaN or infinity."""
     path = Path(path)
+    done = 0
     try:
         with sf.SoundFile(str(path)) as f:
             sr = int(f.samplerate)
@@ -144,6 +156,10 @@ def iter_mono_blocks(path: str | os.PathLike, rate: int | None = None,
             while True:
                 block = f.read(block_frames, dtype="float32", always_2d=True)
                 last = len(block) < block_frames
+                if not np.isfinite(block).all():
+                    raise NotFiniteAudio(f"{path}: holds NaN or infinite samples (from "
+                                         f"{done / sr:.2f} s on); not usable as audio")
+                done += len(block)
                 mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
                 mono = np.ascontiguousarray(mono, dtype=np.float32)
                 if resampler is not None:
@@ -154,6 +170,8 @@ def iter_mono_blocks(path: str | os.PathLike, rate: int | None = None,
                     break
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except PermissionError:
+        raise UserError(f"{path}: no permission to read it") from None
     except (sf.LibsndfileError, RuntimeError) as e:
         raise UserError(f"{path}: cannot decode ({_one_line(e)})") from None
 
@@ -169,13 +187,78 @@ def load_mono(path: str | os.PathLike, rate: int) -> tuple[np.ndarray, AudioInfo
     return x, info
 
 
-def load_song(path: str | os.PathLike, data_format: dict) -> tuple[np.ndarray, float, AudioInfo]:
-    """A whole song read as a model's training files were: (mono float32 audio at the model's
-    rate, the gain its normalization policy gives this song, what libsndfile said). The model's
-    tokens are `encode(audio * gain, data_format["encoding"])`."""
-    audio, info = load_mono(path, int(data_format["rate"]))
-    gain = normalization_gain(float(np.max(np.abs(audio))), data_format["normalization"])
-    return audio, gain, info
+@dataclass
+class SongClip:
+    """A span of a song read as a model's training files were: mono float32 at the model's rate
+    (`audio` holds samples [start, end) of the song), with the gain its normalization policy gives
+    the WHOLE song (the model's tokens are `encode(audio * gain, encoding)`)."""
+
+    audio: np.ndarray
+    start: int
+    end: int
+    length: int  # of the whole song, in samples at the model's rate
+    gain: float
+    info: AudioInfo
+
+
+def read_song_clip(path: str | os.PathLike, data_format: dict, *, seconds: float,
+                   at: float | None = None) -> SongClip:
+    """The `seconds` of `path` that end at `at` seconds (default: the song's end), in one streaming
+    pass that also measures the whole song's peak: memory is the clip's, whatever the song's
+    length. UserError if `at` is past the end or the song holds no audio."""
+    rate = int(data_format["rate"])
+    info = probe(path)
+    n_keep = max(0, int(round(seconds * rate)))
+    end = None if at is None else int(round(at * rate))
+    start = None if end is None else max(0, end - n_keep)
+    kept: list[np.ndarray] = []
+    pos, peak = 0, 0.0
+    for block in iter_mono_blocks(path, rate):
+        peak = max(peak, float(np.max(np.abs(block))))
+        if end is None:  # the clip ends with the song: keep a ring of the last n_keep samples
+            kept.append(block)
+            if sum(len(k) for k in kept) > 2 * n_keep + len(block):
+                tail = np.concatenate(kept)
+                kept = [tail[len(tail) - n_keep:]] if n_keep else []
+        else:
+            lo, hi = max(start, pos), min(end, pos + len(block))
+            if lo < hi:
+                kept.append(block[lo - pos: hi - pos])
+        pos += len(block)
+    if pos == 0:
+        raise UserError(f"{path}: no audio in file")
+    if end is None:
+        end, start = pos, max(0, pos - n_keep)
+    elif end > pos:
+        raise UserError(f"{path}: --at {at} s is past the end of the song ({pos / rate:.2f} s)")
+    audio = np.concatenate(kept) if kept else np.zeros(0, np.float32)
+    audio = audio[len(audio) - (end - start):] if end - start else audio[:0]
+    gain = normalization_gain(peak, data_format["normalization"])
+    return SongClip(np.ascontiguousarray(audio), start, end, pos, gain, info)
+
+
+def read_song_tokens(path: str | os.PathLike, data_format: dict) -> np.ndarray:
+    """A whole song as the model's uint8 tokens, exactly as a training file was made (peak of the
+    whole song, then scale and encode): two streaming passes, one byte of memory per sample."""
+    rate = int(data_format["rate"])
+    probe(path)
+    n, peak = 0, 0.0
+    for block in iter_mono_blocks(path, rate):
+        peak = max(peak, float(np.max(np.abs(block))))
+        n += len(block)
+    if n == 0:
+        raise UserError(f"{path}: no audio in file")
+    gain = normalization_gain(peak, data_format["normalization"])
+    tokens = np.empty(n, np.uint8)
+    pos = 0
+    for block in iter_mono_blocks(path, rate):
+        # float32 * python float stays float32: exactly what prep computes for a training file
+        q = encode(block * gain, data_format["encoding"])
+        tokens[pos: pos + len(q)] = q[: n - pos]
+        pos += len(q)
+    if pos != n:
+        raise UserError(f"{path}: changed while it was read")
+    return tokens
 
 
 def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -189,24 +272,25 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 # Writing
 # --------------------------------------------------------------------------------------------
 
-def write_wav(path: str | os.PathLike, x: np.ndarray, rate: int, *, overwrite: bool = True) -> Path:
-    """Write float audio (mono or frames x channels) as 16-bit PCM WAV, atomically: to a temporary
-    file in the same folder, then renamed, so a reader never sees a half-written file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists (use --force to overwrite)")
-    with atomic_output(path) as tmp:
-        sf.write(str(tmp), np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), rate,
-                 subtype="PCM_16", format="WAV")
-    return path
+def wav_bytes(x: np.ndarray, rate: int) -> bytes:
+    """Float audio (mono or frames x channels) as a 16-bit PCM WAV file's bytes."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), rate, subtype="PCM_16",
+             format="WAV")
+    return buf.getvalue()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+def write_wav(path: str | os.PathLike, x: np.ndarray, rate: int, *, replace: bool = True,
+              inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write float audio as 16-bit PCM WAV, atomically and under `ssmgen.atomic`'s rules
+    (`replace=False`: an existing file is an error; never over an input)."""
+    return write_bytes(path, wav_bytes(x, rate), replace=replace, inputs=inputs)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, replace: bool = True,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a text file atomically under `ssmgen.atomic`'s rules."""
+    return write_text(path, text, replace=replace, inputs=inputs)
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ See docs/architecture.md, "Data and prep", for the format and the policies.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import math
@@ -26,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from ssmgen import __version__
-from ssmgen.audio import ENCODINGS, NORMALIZATIONS, atomic_write_text, decode
+from ssmgen.audio import ENCODINGS, NORMALIZATIONS, decode
 from ssmgen.prep_files import (MIN_TRAIN_MINUTES, SILENCE_DBFS, SILENCE_FRAME_S, SILENT_PEAK,
-                               SPLITS, assign_splits,
-                               by_time_segments, dbfs, decode_file, find_candidates, hash_file,
-                               read_tokens,
+                               SPLITS, BuildWriteError, OwnFile, assign_splits, by_time_segments,
+                               dbfs, decode_file, find_candidates, hash_file, read_tokens,
                                skip_entry as _skip)
+from ssmgen.atomic import WRITE_ERRNOS, pid_alive, remove_stale_temps
 from ssmgen.errors import UserError
 from ssmgen.progress import progress_bar
 
@@ -40,7 +41,7 @@ log = logging.getLogger("ssmgen.prep")
 FORMAT = "ssmgen-dataset"
 FORMAT_VERSION = 1
 BY_TIME_MAX_FILES = 2  # with this few usable files, each file is split by time instead
-REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated")  # same bytes, same verdict
+REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated", "not finite")  # same bytes, same verdict
 _MARKER = ".ssmgen-build"  # marks a build folder as ours, so a stale one may be removed
 
 __all__ = ["prepare", "FORMAT", "FORMAT_VERSION", "SILENT_PEAK"]
@@ -57,13 +58,27 @@ def prepare(src, out, *, rate: int = 16000, encoding: str = "mulaw", bits: int =
     old = None if force else _open_old(out, settings)
     build = _make_build_dir(out)
     try:
-        manifest = _build(src, build, settings, old, seed, progress, t0)
-        del old  # drop handles on the old arrays before they are moved
+        try:
+            manifest = _build(src, build, settings, old, seed, progress, t0)
+            del old  # drop handles on the old arrays before they are moved
+            shutil.rmtree(build / "work", ignore_errors=True)
+            _carry_user_files(out, build)
+        except BuildWriteError as e:
+            raise _not_written(out, e.why) from None
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            raise _not_written(out, e.strerror or str(e)) from None
         _swap_into_place(build, out)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return manifest
+
+
+def _not_written(out: Path, why: str) -> UserError:
+    kept = "the previous dataset is untouched" if _is_dataset(out) else "nothing was written"
+    return UserError(f"{out}: could not write the dataset ({why}); {kept}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,16 +145,6 @@ def _check_paths(src: Path, out: Path) -> tuple[Path, Path]:
     return src, out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def _siblings(out: Path, tag: str) -> list[tuple[Path, int]]:
     """Folders `OUT.<tag>-<pid>` beside OUT, with their pid."""
     found = []
@@ -154,14 +159,14 @@ def _recover_interrupted_swap(out: Path) -> None:
     """If a prep died between its two renames, put the old dataset back where it was; remove what
     dead preps left (only folders that are provably ours)."""
     for p, pid in _siblings(out, "old"):
-        if _pid_alive(pid) or not _is_dataset(p):
+        if pid_alive(pid) or not _is_dataset(p):
             continue
         if not out.exists():
             p.rename(out)
         else:
             shutil.rmtree(p, ignore_errors=True)
     for p, pid in _siblings(out, "tmp"):
-        if not _pid_alive(pid) and (p / _MARKER).exists():
+        if not pid_alive(pid) and (p / _MARKER).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -179,10 +184,54 @@ def _make_build_dir(out: Path) -> Path:
     return build
 
 
+def _ours(out: Path) -> set[str]:
+    """Names in the dataset folder that prep wrote: its manifest and its split arrays."""
+    names = {"manifest.json"} | {f"{s}.npy" for s in SPLITS}
+    try:
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        names |= {str(v.get("file")) for v in m.get("splits", {}).values() if isinstance(v, dict)}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names
+
+
+def _carry_user_files(out: Path, build: Path) -> None:
+    """Hard-link everything in the old dataset that prep did not write (the user's notes, a
+    folder of theirs) into the new build, so the swap keeps it. Links, not moves: until the swap
+    the old dataset keeps every file, so an interruption loses nothing. Where a link is
+    impossible, stop with one line before anything is replaced."""
+    if not _is_dataset(out):
+        return
+    remove_stale_temps(out)
+    ours = _ours(out)
+
+    def carry(src: Path, dst: Path, rel: str, top: bool) -> None:
+        for e in sorted(os.scandir(src), key=lambda e: e.name):
+            if top and e.name in ours:
+                continue
+            name, target = f"{rel}{e.name}", dst / e.name
+            try:
+                if e.is_symlink():
+                    os.symlink(os.readlink(e.path), target)
+                elif e.is_dir():
+                    target.mkdir()
+                    carry(Path(e.path), target, f"{name}/", False)
+                    shutil.copystat(e.path, target)
+                elif e.is_file():
+                    os.link(e.path, target)
+                else:
+                    raise OSError(0, "not a regular file, folder or link")
+            except OSError as err:
+                raise UserError(f"{out}: holds {name}, which prep did not write and cannot carry "
+                                f"into the new dataset ({err.strerror or err}); move it out of "
+                                f"{out} and run prep again (nothing was changed)") from None
+
+    carry(out, build, "", True)
+
+
 def _swap_into_place(build: Path, out: Path) -> None:
     """Rename the finished build to OUT; an existing dataset is renamed away first and deleted
     only once the new one is in place."""
-    shutil.rmtree(build / "work", ignore_errors=True)
     (build / _MARKER).unlink(missing_ok=True)
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     if out.exists():
@@ -257,6 +306,8 @@ def process_file(job: tuple) -> dict:
         return {"status": "reuse", "path": relpath, "content_hash": content_hash}
     try:
         r = decode_file(path, work_file, settings)
+    except BuildWriteError:  # our own write failed: stop the whole prep, blame nobody's file
+        raise
     except Exception as e:  # a file libsndfile chokes on must not stop the whole prep
         Path(work_file).unlink(missing_ok=True)
         r = {"status": "skip", "reason_kind": "unreadable",
@@ -377,7 +428,8 @@ def _build(src: Path, build: Path, settings: dict, old: _OldDataset | None, seed
     }
     for f in files:
         f.pop("reused", None)
-    atomic_write_text(build / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    with OwnFile(build / "manifest.json") as fh:  # the whole build folder is renamed into place
+        fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
     return manifest
 
 
@@ -434,9 +486,11 @@ def _write_splits(build: Path, plan: dict[str, list], old: _OldDataset | None,
         hist = np.zeros(256, np.int64)
         clipped = 0.0
         silent_frames = frames = 0
-        with open(build / f"{name}.npy", "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False,
-                                                      "shape": (n_total,)})
+        with OwnFile(build / f"{name}.npy") as fh:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                          "shape": (n_total,)})
+            fh.write(header.getvalue())
             offset = 0
             for r, start, n in runs:
                 rest = np.zeros(0, np.uint8)  # tokens of a 50 ms frame split across chunks
@@ -456,8 +510,7 @@ def _write_splits(build: Path, plan: dict[str, list], old: _OldDataset | None,
                 r.setdefault("_segments", []).append(seg)
                 clipped += n * (r.get("clipped_share") or 0.0)
                 offset += n
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.close(fsync=True)
         info[name] = {"file": f"{name}.npy", "samples": n_total,
                       "files": len({r["path"] for r, _, _ in runs}),
                       "hours": n_total / rate / 3600,

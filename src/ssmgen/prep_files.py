@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from ssmgen.audio import encode, iter_mono_blocks, normalization_gain, probe
+from ssmgen.audio import NotFiniteAudio, encode, iter_mono_blocks, normalization_gain, probe
 from ssmgen.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -36,6 +36,59 @@ COPY_CHUNK = 1 << 22  # tokens copied at a time while writing the split arrays
 # loses the whole block), large enough to be fast. Resampled output does not depend on it.
 DECODE_FRAMES = 1 << 15
 _HEADER_LIES = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
+class BuildWriteError(Exception):
+    """Writing one of prep's own files failed (disk full, file too large, ...). A failure of ours,
+    never a property of the user's audio: prep stops and keeps the previous dataset."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(path, why)
+        self.path, self.why = path, why
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.why}"
+
+
+class OwnFile:
+    """A file prep writes in its build folder; any OSError becomes a BuildWriteError (so it can
+    never be mistaken for a broken source file)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        try:
+            self._f = open(path, "wb")
+        except OSError as e:
+            raise BuildWriteError(self.path, e.strerror or str(e)) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise BuildWriteError(self.path, e.strerror or str(e)) from None
+
+    def close(self, fsync: bool = False) -> None:
+        if self._f.closed:
+            return
+        try:
+            self._f.flush()
+            if fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            raise BuildWriteError(self.path, e.strerror or str(e)) from None
+
+    def __enter__(self) -> "OwnFile":
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        if kind is None:
+            self.close()
+        else:
+            try:
+                self._f.close()
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +199,10 @@ def decode_file(path: str, work_file: str, settings: dict) -> dict:
 
     scratch = work_file + ".f32"
     try:
-        n_src, n_out, clipped, peak, error = _pass1(path, scratch, info.samplerate, rate)
+        try:
+            n_src, n_out, clipped, peak, error = _pass1(path, scratch, info.samplerate, rate)
+        except NotFiniteAudio as e:
+            return _skip("not finite", _reason(e, path))
         truncated = error is not None or n_src < promised - max(0.01 * promised,
                                                                 0.05 * info.samplerate)
         secs, promised_s = n_out / rate, promised / info.samplerate
@@ -186,7 +242,7 @@ def _pass1(path: str, scratch: str, src_rate: int, rate: int):
         if src_rate != rate else None
     n_src = n_out = clipped = 0
     peak, error = 0.0, None
-    with open(scratch, "wb") as fh:
+    with OwnFile(scratch) as fh:
         def put(y: np.ndarray) -> None:
             nonlocal n_out, peak
             if len(y):
@@ -199,6 +255,8 @@ def _pass1(path: str, scratch: str, src_rate: int, rate: int):
                 n_src += len(block)
                 clipped += int(np.count_nonzero(np.abs(block) >= CLIP_LEVEL))
                 put(resampler.resample_chunk(block, last=False) if resampler else block)
+        except NotFiniteAudio:
+            raise
         except UserError as e:  # decoding failed part way: keep what came out before
             error = _reason(e, path)
         if resampler is not None:
@@ -214,7 +272,7 @@ def _pass2(scratch: str, work_file: str, gain: float, encoding: str, rate: int):
     threshold = (10 ** (SILENCE_DBFS / 20)) ** 2 * frame
     h = hashlib.blake2b(digest_size=20)
     sumsq, silent, frames = 0.0, 0, 0
-    with open(scratch, "rb") as fin, open(work_file, "wb") as fout:
+    with open(scratch, "rb") as fin, OwnFile(work_file) as fout:
         while buf := fin.read(chunk * 4):
             # float32 * python float stays float32: exactly what a prompt gets in continue_song
             x = np.frombuffer(buf, np.float32) * gain
