@@ -55,11 +55,6 @@ def test_no_usable_audio(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_bits_16(src, tmp_path):
-    assert_user_error(run(src, "--out", tmp_path / "d", "--bits", "16"),
-                      "the model predicts 8-bit tokens (256 classes); use --bits 8")
-
-
 def test_success_prints_summary(src, tmp_path):
     r = run(src, "--out", tmp_path / "d", "--jobs", "2")
     assert r.returncode == 0, r.stderr

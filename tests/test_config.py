@@ -10,16 +10,48 @@ from ssmgen.errors import UserError
 
 def test_shipped_presets():
     assert {"tiny", "ablated", "sashimi"} <= set(preset_names())
-    cfg = load_config("ablated")
-    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.pool, cfg.model.glu) == (64, 2, [4, 4], False)
-    assert (cfg.train.batch_size, cfg.train.sample_len, cfg.train.lr, cfg.train.ssm_lr) == (1, 131072, 4e-3, 1e-3)
+    paper = load_config("ablated", recipe="paper")
+    assert (paper.model.d_model, paper.model.n_layers, paper.model.pool, paper.model.glu) == \
+        (64, 2, [4, 4], False)
+    assert (paper.train.batch_size, paper.train.sample_len, paper.train.lr, paper.train.ssm_lr,
+            paper.train.warmup_steps, paper.train.schedule) == (1, 131072, 4e-3, 1e-3, 0, "plateau")
     assert load_config("sashimi").model.n_layers == 8
     cpu = load_config("ablated-cpu")  # the same model, the CPU-budget recipe
-    assert replace(cpu.model, seq_len=None) == replace(cfg.model, seq_len=None)
+    assert replace(cpu.model, seq_len=None) == replace(paper.model, seq_len=None)
     # The model records the length it is trained at (S4's C~ is parameterized for it).
-    assert (cfg.model.seq_len, cpu.model.seq_len) == (131072, 4096)
+    assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 4096)
     assert load_config("tiny", overrides=["train.sample_len=256"]).model.seq_len == 256
-    assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == (4, 4096, 1e-3, 100)
+    assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == \
+        (4, 4096, 1e-3, 100)
+
+
+def test_the_recipe_follows_the_device_unless_named(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    here = load_config("ablated")
+    assert here.recipe == "cpu" and here.train == load_config("ablated-cpu").train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = load_config("ablated")
+    assert (gpu.recipe, gpu.train.batch_size, gpu.train.sample_len) == ("gpu", "auto", 131072)
+    # The device the run asks for decides; a preset's own recipe and --recipe win over it.
+    assert load_config("ablated", overrides=["train.device=cpu"]).recipe == "cpu"
+    assert load_config("ablated-cpu").recipe == "cpu"
+    assert load_config("ablated", recipe="paper").train.batch_size == 1
+    # A preset's own train fields win over the recipe (tiny trains small everywhere).
+    assert load_config("tiny").train.sample_len == 2048
+    with pytest.raises(UserError, match="--recipe fast: use auto or one of cpu, gpu, paper"):
+        load_config("ablated", recipe="fast")
+
+
+def test_working_folder_presets_come_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "ablated.yaml").write_text("model:\n  d_model: 48\n")
+    (tmp_path / "presets" / "mine.yaml").write_text("model:\n  n_layers: 3\n")
+    assert load_config("ablated").model.d_model == 48
+    assert load_config("mine").model.n_layers == 3
+    from ssmgen.config import preset_text
+    assert "d_model: 48" in preset_text("ablated") and "n_layers: 3" in preset_text("mine")
 
 
 def test_overrides_and_backend():

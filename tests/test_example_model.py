@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssmgen.audio import decode, encode, load_song
+from ssmgen.audio import decode, encode, read_song_clip
 from ssmgen.checkpoint import load_model
 from ssmgen.generate.continuation import read_prompt
 from ssmgen.generate.engines import create_engine
 from ssmgen.generate.sampling import Sampler
+from ssmgen.workspace import bundled_models
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = sorted((ROOT / "examples" / "models").glob("*.pt"))
+MODELS = sorted(bundled_models().values())
 
 
 @pytest.mark.skipif(not MODELS, reason="no bundled example model")
@@ -21,8 +22,8 @@ MODELS = sorted((ROOT / "examples" / "models").glob("*.pt"))
 def test_sixty_seconds_stay_finite_and_bounded(path):
     model, ckpt = load_model(path)
     fmt = ckpt["data_format"]
-    audio, gain, _ = load_song(ROOT / "examples" / "prompt.flac", fmt)
-    prompt = encode(audio[: 2 * fmt["rate"]] * gain, fmt["encoding"]).astype(np.int64)
+    clip = read_song_clip(ROOT / "examples" / "prompt.flac", fmt, seconds=2, at=2)
+    prompt = encode(clip.audio * clip.gain, fmt["encoding"]).astype(np.int64)
     state, first = read_prompt(model, prompt, 1)
     engine = create_engine("auto", model, 1)
     n = 60 * fmt["rate"]

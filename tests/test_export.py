@@ -182,8 +182,6 @@ def test_errors_are_one_line_user_errors(tmp_path, s4d):
         with pytest.raises(UserError) as e:
             E.export_onnx(src, out)
         assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="prompt-graph"):
-        E.export_onnx(ckpt, tmp_path / "a.onnx", prompt_graph=True)
     with pytest.raises(UserError, match="opset"):
         E.export_onnx(ckpt, tmp_path / "a.onnx", opset=99)
     assert not (tmp_path / "a.onnx").exists()

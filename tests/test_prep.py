@@ -394,8 +394,9 @@ def test_user_errors(tmp_path, small_src):
     one_line_error(lambda: prepare(small_src, small_src / "data"), "inside the source folder")
     one_line_error(lambda: prepare(small_src, small_src), "inside the source folder")
     one_line_error(lambda: prepare(small_src, small_src.parent), "holds the source folder")
-    one_line_error(lambda: prepare(small_src, out, bits=16),
-                   "the model predicts 8-bit tokens (256 classes); use --bits 8")
+    one_line_error(lambda: prepare(small_src, out, seed=-1), "--seed -1")
+    one_line_error(lambda: prepare(small_src, out, split=(float("nan"), 5, 5)), "--split")
+    one_line_error(lambda: prepare(small_src, out, jobs=0), "--jobs 0")
     one_line_error(lambda: prepare(small_src, out, encoding="alaw"), "alaw")
     one_line_error(lambda: prepare(small_src, out, normalization="rms"), "rms")
     one_line_error(lambda: prepare(small_src, out, rate=0), "--rate 0")

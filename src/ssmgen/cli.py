@@ -1,4 +1,5 @@
-"""The `ssmgen` command line. Thin: each command parses its options, calls one library function a
+"""The `ssmgen` command line. Thin: each command parses its options, fills in the working
+folder's defaults (`workspace.py`: which dataset, which model), calls one library function a
 Python user could call too, and prints the result. This is the only module that knows about exit
 codes: 0 success, 2 user error, 1 internal error, 130 interrupted.
 """
@@ -9,7 +10,9 @@ import functools
 import json
 import logging
 import os
+import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -19,10 +22,11 @@ from rich.table import Table
 
 from ssmgen import __version__
 from ssmgen.errors import UserError
+from ssmgen.validate import one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train a raw-waveform SaShiMi model on your own audio and continue any song.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)  # files and pipes get whole lines
 err = Console(stderr=True)
 
 
@@ -38,11 +42,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Train a raw-waveform SaShiMi model on your own audio and continue any song."""
 
 
+def _say(text: str, style: str = "") -> None:
+    """One line on stderr, control characters escaped (a file name may hold a newline)."""
+    line = one_line(text)
+    err.print(f"[{style}]{line}[/]" if style else line, markup=bool(style), highlight=False,
+              soft_wrap=True)
+
+
 class _WarningHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         level = "warning" if record.levelno >= logging.WARNING else "note"
-        err.print(f"[yellow]{level}:[/] {record.getMessage()}", markup=True, highlight=False,
-                  soft_wrap=True)
+        err.print(f"[yellow]{level}:[/] ", end="", markup=True, highlight=False)
+        err.print(one_line(record.getMessage()), markup=False, highlight=False, soft_wrap=True)
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -61,25 +72,46 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
     def wrapper(*args, **kwargs):
         _setup_logging(kwargs.get("quiet", False))
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not os.environ.get("SSMGEN_DEBUG"):  # libraries' advice is not for our users
+                    warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except UserError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            _say(f"error: {e}")
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            err.print("interrupted", markup=False)
+            _say("interrupted")
             raise typer.Exit(130)
         except Exception as e:  # a bug: say so plainly, keep the details for a report
-            err.print(f"internal error: {type(e).__name__}: {e}", markup=False, soft_wrap=True)
+            _say(f"internal error: {type(e).__name__}: {e}")
             if os.environ.get("SSMGEN_DEBUG"):
                 traceback.print_exc()
             else:
-                err.print("(a bug in ssmgen: rerun with SSMGEN_DEBUG=1 for the traceback)",
-                          markup=False)
+                _say("(a bug in ssmgen: rerun with SSMGEN_DEBUG=1 for the traceback)")
             raise typer.Exit(1)
 
     return app.command(name=name)(wrapper)
+
+
+def _note(text: str) -> None:
+    """A line saying what a command chose for the user (which dataset, which model)."""
+    err.print("[yellow]note:[/] ", end="", markup=True, highlight=False)
+    err.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
+
+
+def _model_choice(positional: Optional[str], option: Optional[str]) -> Path:
+    """The model a command uses: named (positionally or with --model), or the working folder's
+    default, said in one line."""
+    from ssmgen.workspace import resolve_model
+
+    if positional and option and positional != option:
+        raise UserError(f"two models given ({positional} and --model {option}): give one")
+    choice = resolve_model(positional or option)
+    if not (positional or option) or choice.path != Path(positional or option):
+        _note(f"model: {choice.why}")
+    return choice.path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,19 +123,16 @@ def _parse_split(text: str) -> tuple[float, float, float]:
         parts = [float(p) for p in text.replace(",", "/").split("/")]
     except ValueError:
         raise UserError(f"--split '{text}': expected three numbers like 90/5/5") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise UserError(f"--split '{text}': expected three non-negative numbers like 90/5/5")
-    total = sum(parts)
-    return (parts[0] / total, parts[1] / total, parts[2] / total)
+    return tuple(parts)  # type: ignore[return-value]  # checked by prepare()
 
 
 @command
 def prep(
     src: Path = typer.Argument(..., help="Folder of audio files (searched recursively)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder to write "
+                                           "(default: data/NAME, NAME being SRC's folder name)."),
     rate: int = typer.Option(16000, help="Sample rate of the dataset (Hz)."),
     encoding: str = typer.Option("mulaw", help="Token encoding: mulaw or linear."),
-    bits: int = typer.Option(8, help="Bits per sample (the model predicts 8-bit tokens)."),
     normalize: str = typer.Option("peak", help="Level normalization: peak (each file to full "
                                                "scale) or none."),
     split: str = typer.Option("90/5/5", help="train/val/test shares by source file."),
@@ -115,15 +144,18 @@ def prep(
 ) -> None:
     """Turn a folder of audio into a dataset (16 kHz mono 8-bit, split by file)."""
     from ssmgen.prep import prepare
+    from ssmgen.workspace import dataset_for
 
-    manifest = prepare(src, out_dir, rate=rate, encoding=encoding, bits=bits,
-                       normalization=normalize, split=_parse_split(split), seed=seed, jobs=jobs,
-                       force=force, progress=not quiet)
+    if out_dir is None:
+        out_dir = dataset_for(src)
+    manifest = prepare(src, out_dir, rate=rate, encoding=encoding, normalization=normalize,
+                       split=_parse_split(split), seed=seed, jobs=jobs, force=force,
+                       progress=not quiet)
     _print_prep_summary(manifest, out_dir)
 
 
 def _print_prep_summary(manifest: dict, out_dir: Path) -> None:
-    table = Table(title=f"dataset {out_dir}", show_edge=False)
+    table = Table(title=f"dataset {one_line(str(out_dir))}", show_edge=False)
     table.add_column("split")
     table.add_column("files", justify="right")
     table.add_column("hours", justify="right")
@@ -155,20 +187,27 @@ def _fmt(v, spec: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 @command
-def presets() -> None:
-    """List the presets with their parameter counts per backend."""
+def presets(
+    show: Optional[str] = typer.Option(None, "--show", help="Print this preset's YAML (to copy "
+                                                            "into ./presets/ and edit)."),
+) -> None:
+    """List the presets with their parameter counts per backend, or print one."""
     from ssmgen import backends
-    from ssmgen.config import load_config, preset_names
+    from ssmgen.config import USER_PRESETS, load_config, preset_names, preset_text
     from ssmgen.model import SaShiMi, count_parameters
 
+    if show is not None:
+        print(preset_text(show), end="")
+        return
     names = backends.available()
     table = Table(show_edge=False)
     table.add_column("preset")
     for b in names:
         table.add_column(f"params ({b})", justify="right")
     table.add_column("shape")
-    table.add_column("training")
-    for p in preset_names():
+    table.add_column("recipe here")
+    own = sorted(p.stem for p in USER_PRESETS.glob("*.yaml")) if USER_PRESETS.is_dir() else []
+    for p in sorted(set(preset_names()) | set(own)):
         counts = []
         for b in names:
             try:
@@ -177,53 +216,95 @@ def presets() -> None:
                 counts.append(f"({type(e).__name__})")
         cfg = load_config(p)
         m, t = cfg.model, cfg.train
-        table.add_row(p, *counts, f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
-                      f"{t.batch_size} x {t.sample_len}, lr {t.lr:g}")
+        table.add_row(f"{p} (./presets)" if p in own else p, *counts,
+                      f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
+                      f"{cfg.recipe}: {t.batch_size} x {t.sample_len}, lr {t.lr:g}")
     out.print(table)
+
+
+#: Options that would change a run's settings; a resumed run keeps its own.
+_RESUME_FIXED = ("--preset", "--backend", "--recipe", "--set", "--batch-size", "--sample-len",
+                 "--lr", "--seed")
 
 
 @command
 def train(
-    data: Path = typer.Argument(..., help="Dataset folder made by `ssmgen prep`."),
-    preset: str = typer.Option("ablated", help="Preset name (see `ssmgen presets`) or a YAML path."),
-    backend: Optional[str] = typer.Option(None, help="Sequence backend: s4, s4d or mamba."),
+    data: Optional[Path] = typer.Argument(None, help="Dataset folder made by `ssmgen prep` "
+                                          "(default: the one prep wrote last under ./data)."),
+    preset: Optional[str] = typer.Option(None, help="Preset name (see `ssmgen presets`) or a "
+                                         "YAML path [default: ablated]."),
+    backend: Optional[str] = typer.Option(None, help="Sequence backend: s4, s4d or mamba "
+                                          "[default: the preset's, s4d]."),
+    recipe: str = typer.Option("auto", help="How to train: auto (cpu or gpu, by the device), "
+                               "cpu, gpu or paper (the paper's exact recipe)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value "
                                                      "(repeatable), e.g. train.lr=1e-3."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder "
-                                           "(default runs/PRESET-BACKEND-TIME)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a "
+                                           "new runs/PRESET-BACKEND-N)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes "
+                                                "(with neither: run until Ctrl-C)."),
     batch_size: Optional[int] = typer.Option(None, help="Crops per step (global batch)."),
     sample_len: Optional[int] = typer.Option(None, help="Samples per crop (multiple of 16)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (SSM parameters: train.ssm_lr)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
     """Train a SaShiMi model on a prepared dataset."""
-    from ssmgen.config import load_config
+    from ssmgen.checkpoint import load_checkpoint
+    from ssmgen.config import Config, load_config
     from ssmgen.train import train as run_training
+    from ssmgen.workspace import newest_dataset
 
-    overrides = list(set_)
-    for key, value in (("batch_size", batch_size), ("sample_len", sample_len), ("lr", lr),
-                       ("device", device), ("seed", seed), ("max_steps", max_steps),
-                       ("max_minutes", max_minutes)):
-        if value is not None:
-            overrides.append(f"train.{key}={value}")
-    if resume and out_dir is None:
-        raise UserError("--resume needs --out RUN_FOLDER")
-    cfg = load_config(preset, backend=backend, overrides=overrides)
-    result = run_training(data, cfg, out_dir, resume=resume, progress=not quiet)
+    if resume:
+        given = dict(zip(_RESUME_FIXED, (preset, backend, recipe != "auto" or None, set_ or None,
+                                         batch_size, sample_len, lr, seed)))
+        fixed = [name for name, value in given.items() if value is not None]
+        if fixed:
+            raise UserError(f"--resume continues a run with its own settings: drop {fixed[0]} "
+                            "(only --max-steps, --max-minutes and --device may change)")
+        if out_dir is None:
+            raise UserError("--resume needs the run folder: --out RUN")
+        last = load_checkpoint(Path(out_dir) / "checkpoints" / "last.pt")
+        if data is None:  # the run's own dataset
+            data = Path(last.get("dataset") or "")
+            if not last.get("dataset") or not data.is_dir():
+                raise UserError(f"{out_dir}: its dataset {data} is not here; name it: "
+                                f"`ssmgen train DATASET --resume --out {out_dir}`")
+        cfg = Config.from_dict(last["config"], source=last["path"])
+        for key, value in (("max_steps", max_steps), ("max_minutes", max_minutes),
+                           ("device", device)):
+            if value is not None:
+                setattr(cfg.train, key, value)
+        cfg = Config.from_dict(cfg.to_dict(), source="--resume")  # the new limits checked too
+        result = run_training(data, cfg, out_dir, resume=True, progress=not quiet)
+    else:
+        if data is None:
+            choice = newest_dataset()
+            _note(choice.why)
+            data = choice.path
+        overrides = list(set_)
+        for key, value in (("batch_size", batch_size), ("sample_len", sample_len), ("lr", lr),
+                           ("seed", seed), ("max_steps", max_steps), ("max_minutes", max_minutes),
+                           ("device", device)):
+            if value is not None:
+                overrides.append(f"train.{key}={value}")
+        cfg = load_config(preset or "ablated", backend=backend, overrides=overrides,
+                          recipe=recipe)
+        result = run_training(data, cfg, out_dir, progress=not quiet)
     best = (f"best val bpb {result['best_bpb']:.4f}" if result["best_bpb"] < float("inf")
             else "no validation split to score")
     out.print(f"trained {result['steps']} steps ({result['stopped']}); {best}; run folder "
-              f"{result['run']}", highlight=False)
+              f"{one_line(result['run'])}", highlight=False)
 
 
 @command(name="eval")
 def eval_(
-    model: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    model: Optional[str] = typer.Argument(None, help="Run folder, checkpoint file or bundled "
+                                          "model name (default: the newest run here)."),
+    model_opt: Optional[str] = typer.Option(None, "--model", "-m", help="The same, as an option."),
     split: str = typer.Option("test", help="test, val or train."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it "
                                                    "trained on)."),
@@ -238,18 +319,19 @@ def eval_(
     """Bits per byte and top-1/3/5/10 accuracy of a model on a split or on audio files."""
     from ssmgen.evaluate import evaluate, evaluate_audio
 
+    path = _model_choice(model, model_opt)
     show = not (quiet or as_json)
     if audio:
-        r = evaluate_audio(model, list(audio), device=device, progress=show)
+        r = evaluate_audio(path, list(audio), device=device, progress=show)
     else:
-        r = evaluate(model, split, data=data, device=device, max_samples=max_samples,
+        r = evaluate(path, split, data=data, device=device, max_samples=max_samples,
                      progress=show)
     if as_json:
         print(json.dumps(r, indent=2))
         return
 
     def line(name: str, r: dict) -> None:
-        out.print(f"{name}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
+        out.print(f"{one_line(name)}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
                   f"accuracy top-1 {r['acc1']:.1%}, top-3 {r['acc3']:.1%}, "
                   f"top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}", highlight=False)
     files = r.get("files", [])
@@ -266,7 +348,9 @@ def eval_(
 @command(name="continue")
 def continue_(
     song: Path = typer.Argument(..., help="Any audio file: the prompt."),
-    model: Path = typer.Option(..., "--model", "-m", help="Run folder or checkpoint file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Run folder, checkpoint file "
+                                        "or bundled model name (default: the newest run here, "
+                                        "else the bundled model)."),
     seconds: float = typer.Option(10.0, help="Seconds of new audio."),
     temp: float = typer.Option(0.8, help="Sampling temperature (0: always the likeliest)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep this much probability."),
@@ -277,11 +361,11 @@ def continue_(
     at: Optional[float] = typer.Option(None, help="Continue from this time in seconds "
                                                   "(default: the end)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output WAV "
-                                            "(default SONG-continued.wav)."),
+                                            "(default SONG-continued.wav here)."),
     only_new: bool = typer.Option(False, help="Write only the new audio."),
     join: bool = typer.Option(False, help="Original song up to --at, then the continuation, "
                                           "at the song's rate and channels."),
-    force: bool = typer.Option(False, help="Overwrite existing outputs."),
+    force: bool = typer.Option(False, help="Replace existing outputs (never the song itself)."),
     engine: str = typer.Option("auto", help="auto, torch, cpu-fast or cuda-graph."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -289,12 +373,14 @@ def continue_(
     """Continue any song with a trained model."""
     from ssmgen.generate.continuation import continue_song
 
-    r = continue_song(song, model, seconds=seconds, temperature=temp, top_k=top_k, top_p=top_p,
+    path = _model_choice(None, model)
+    r = continue_song(song, path, seconds=seconds, temperature=temp, top_k=top_k, top_p=top_p,
                       seed=seed, num=num, prompt_seconds=prompt_seconds, at=at, out=out_path,
                       only_new=only_new, join=join, force=force, engine=engine, device=device,
                       progress=not quiet)
-    for path in r["outputs"]:
-        out.print(f"wrote {path} (+ {Path(path).with_suffix('.json').name})", highlight=False)
+    for p in r["outputs"]:
+        out.print(f"wrote {one_line(p)} (+ {one_line(Path(p).with_suffix('.json').name)})",
+                  highlight=False)
     out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in {r['elapsed_s']:.1f} s "
               f"including the prompt read and any first-run compile; generation ran at "
               f"{r['real_time_factor']:.2f}x real time (engine {r['engine']})", highlight=False)
@@ -306,23 +392,26 @@ def continue_(
 
 @command
 def export(
-    model: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    model: Optional[str] = typer.Argument(None, help="Run folder, checkpoint file or bundled "
+                                          "model name (default: the newest run here)."),
+    model_opt: Optional[str] = typer.Option(None, "--model", "-m", help="The same, as an option."),
     out_path: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
     opset: int = typer.Option(20, help="ONNX opset (9..20)."),
     block: bool = typer.Option(True, "--block/--single", help="16-sample block graph with "
                                "sampling (default), or the single-sample step with logits."),
-    prompt_graph: bool = typer.Option(False, "--prompt-graph", help="Also a parallel prompt "
-                                      "graph (not supported: prompts go through the block graph)."),
     verify_steps: int = typer.Option(2048, help="Steps to compare onnxruntime with torch."),
+    force: bool = typer.Option(False, help="Replace an existing file."),
 ) -> None:
     """Export the model's recurrent step to ONNX, verified against torch."""
     from ssmgen.export import export_onnx
 
-    r = export_onnx(model, out_path, opset=opset, block=block, prompt_graph=prompt_graph,
-                    verify_steps=verify_steps)
-    out.print(f"wrote {r['path']} ({r['graph']} graph, backend {r['backend']}, opset {r['opset']}, "
-              f"{r['size_bytes'] / 1e6:.2f} MB); verified {r['steps_verified']} steps: max logit "
-              f"difference {r['max_logit_diff']:.1e}, identical tokens", highlight=False)
+    path = _model_choice(model, model_opt)
+    r = export_onnx(path, out_path, opset=opset, block=block, verify_steps=verify_steps,
+                    force=force)
+    out.print(f"wrote {one_line(r['path'])} ({r['graph']} graph, backend {r['backend']}, opset "
+              f"{r['opset']}, {r['size_bytes'] / 1e6:.2f} MB); verified {r['steps_verified']} "
+              f"steps: max logit difference {r['max_logit_diff']:.1e}, identical tokens",
+              highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,16 +420,37 @@ def export(
 
 @command
 def doctor() -> None:
-    """Show versions, device, backends, engines and optional extras."""
+    """Show versions, device, backends, engines, bundled models and optional extras."""
     from ssmgen.doctor import report
 
     for key, value in report().items():
         out.print(f"{key:<18} {value}", highlight=False)
 
 
+def _is_usage_error(e: BaseException) -> bool:
+    """Click's usage errors (bad option value, unknown option, missing argument), whether they
+    come from click itself or the copy typer vendors (typer._click)."""
+    return any(c.__name__ == "UsageError" for c in type(e).__mro__)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A mistake on the command line is one line and exit 2 (not
+    Click's usage block)."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        if not _is_usage_error(e):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `ssmgen`: the help, not an error
+            print(e.format_message())
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _say(f"error: {e.format_message()}{hint}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

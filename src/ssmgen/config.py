@@ -1,8 +1,13 @@
-"""Configuration: YAML presets as small override files over `presets/base.yaml`.
+"""Configuration: YAML presets as small override files over `presets/base.yaml`, and training
+recipes that follow the device.
 
-`load_config("ablated", backend="s4d", overrides=["train.lr=1e-3"])` merges base <- preset (a name
-shipped in `presets/` or a path to the user's own YAML) <- `--set` overrides, then validates every
-key and type. Mistakes raise UserError with one line. YAML is read with `yaml.safe_load` only.
+`load_config("ablated", backend="s4d", overrides=["train.lr=1e-3"], recipe="auto")` merges
+base <- recipe <- preset <- backend <- `--set` overrides, then validates every key, type and range
+(numbers finite and in range, one line naming the field). A preset is the model (a name shipped
+in `presets/`, one in the working folder's `presets/`, or a path to a YAML file); a recipe
+(`recipes/*.yaml`: cpu, gpu, paper) is how it is trained, chosen for the device unless the user
+(or the preset, with a top-level `recipe:` key) names one. YAML is read with the safe loader
+only, and a document whose aliases expand past a small bound is refused before it is built.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ssmgen.errors import UserError
+from ssmgen.validate import bounded_size, number
 
 
 @dataclass
@@ -50,7 +56,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 1
+    #: crops per step (global batch), or "auto": as many as fit the device (at most AUTO_BATCH_MAX)
+    batch_size: Union[int, str] = 1
     sample_len: int = 131072
     lr: float = 4e-3
     ssm_lr: float = 1e-3
@@ -77,6 +84,7 @@ class Config:
     model: ModelConfig
     train: TrainConfig
     preset: str = "custom"
+    recipe: str = "custom"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,13 +92,13 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "Config":
         d = dict(d)
-        unknown = set(d) - {"model", "train", "preset"}
+        unknown = set(d) - {"model", "train", "preset", "recipe"}
         if unknown:
             raise UserError(f"{source}: unknown section '{sorted(unknown)[0]}' "
-                            "(known: model, train)")
+                            "(known: model, train, recipe)")
         cfg = cls(model=_build(ModelConfig, d.get("model") or {}, f"{source}: model"),
                   train=_build(TrainConfig, d.get("train") or {}, f"{source}: train"),
-                  preset=str(d.get("preset", "custom")))
+                  preset=str(d.get("preset", "custom")), recipe=str(d.get("recipe", "custom")))
         _check(cfg, source)
         return cfg
 
@@ -98,6 +106,45 @@ class Config:
 CHOICES = {"train.schedule": ("plateau", "cosine", "constant"),
            "train.device": ("auto", "cpu", "cuda"),
            "train.amp": ("auto", "bf16", "off")}
+AUTO_BATCH_MAX = 16  # "auto" batches stop here: beyond it more steps beat bigger ones
+
+#: The range of every numeric field: (low, high, low excluded, whole number). One table, checked
+#: wherever a config is made (presets, --set, the command's own options, checkpoints).
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "model.d_model": (1, 8192, False, True),
+    "model.n_layers": (1, 64, False, True),
+    "model.pool": (1, 64, False, True),
+    "model.expand": (1, 8, False, True),
+    "model.ff_expand": (1, 16, False, True),
+    "model.dropout": (0, 1, False, False),
+    "model.seq_len": (1, 1 << 26, False, True),
+    "train.batch_size": (1, 4096, False, True),
+    "train.sample_len": (1, 1 << 26, False, True),
+    "train.lr": (0, 1, True, False),
+    "train.ssm_lr": (0, 1, True, False),
+    "train.weight_decay": (0, 10, False, False),
+    "train.warmup_steps": (0, 1e9, False, True),
+    "train.plateau_factor": (0, 1, True, False),
+    "train.plateau_patience": (0, 1e6, False, True),
+    "train.min_lr": (0, 1, False, False),
+    "train.grad_clip": (0, 1e6, False, False),
+    "train.max_steps": (1, 1 << 62, False, True),
+    "train.max_minutes": (0, 1e7, True, False),
+    "train.val_every": (1, 1e9, False, True),
+    "train.val_max_samples": (1, 1 << 40, False, True),
+    "train.sample_seconds": (0, 600, False, False),
+    "train.prompt_seconds": (0, 600, False, False),
+    "train.seed": (0, 2**63 - 1, False, True),
+}
+#: The command-line option that sets a field, named beside it in errors.
+FLAGS = {"train.batch_size": "--batch-size", "train.sample_len": "--sample-len", "train.lr": "--lr",
+         "train.max_steps": "--max-steps", "train.max_minutes": "--max-minutes",
+         "train.seed": "--seed", "train.device": "--device"}
+
+
+def field_name(key: str) -> str:
+    """A field's name for messages, with the option that sets it: 'train.lr (--lr)'."""
+    return f"{key} ({FLAGS[key]})" if key in FLAGS else key
 
 
 def _check(cfg: Config, source: str) -> None:
@@ -105,27 +152,55 @@ def _check(cfg: Config, source: str) -> None:
     for key, choices in CHOICES.items():
         value = getattr(t, key.split(".")[1])
         if value not in choices:
-            raise UserError(f"{source}: {key} = {value!r}: use one of {', '.join(choices)}")
-    positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.expand": m.expand,
-                "model.ff_expand": m.ff_expand, "train.batch_size": t.batch_size,
-                "train.sample_len": t.sample_len, "train.lr": t.lr, "train.ssm_lr": t.ssm_lr,
-                "train.val_every": t.val_every}
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{source}: {key} = {value}: must be positive")
-    if not m.pool or any(p < 1 for p in m.pool):
-        raise UserError(f"{source}: model.pool = {m.pool}: factors must be >= 1")
+            raise UserError(f"{source}: {field_name(key)} = {value!r}: use one of "
+                            f"{', '.join(choices)}")
+    if m.dropout >= 1:
+        raise UserError(f"{source}: model.dropout = {m.dropout}: must be below 1")
+    for key, (low, high, low_open, whole) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(m if section == "model" else t, name)
+        if value is None or (key == "train.batch_size" and value == "auto"):
+            continue
+        if key == "train.batch_size" and isinstance(value, str):
+            raise UserError(f"{source}: {field_name(key)} = {value!r}: a whole number or auto")
+        for v in (value if isinstance(value, list) else [value]):
+            try:
+                number(field_name(key), v, low=low, high=high, low_open=low_open, integer=whole)
+            except UserError as e:
+                raise UserError(f"{source}: {e}") from None
+    if not 1 <= len(m.pool) <= 6:
+        raise UserError(f"{source}: model.pool = {m.pool}: give 1 to 6 pooling factors")
     if m.n_tokens != 256:
         raise UserError(f"{source}: model.n_tokens = {m.n_tokens}: only 8-bit tokens (256) "
                         "are supported")
     if t.sample_len % m.frame:
-        raise UserError(f"{source}: train.sample_len = {t.sample_len} must be a multiple of "
-                        f"{m.frame} (the product of model.pool)")
-    if m.seq_len is not None and (m.seq_len <= 0 or m.seq_len % m.frame):
+        raise UserError(f"{source}: {field_name('train.sample_len')} = {t.sample_len} must be a "
+                        f"multiple of {m.frame} (the product of model.pool)")
+    if m.seq_len is not None and m.seq_len % m.frame:
         raise UserError(f"{source}: model.seq_len = {m.seq_len} must be a positive multiple of "
                         f"{m.frame} (the product of model.pool)")
-    if not 0 <= m.dropout < 1:
-        raise UserError(f"{source}: model.dropout = {m.dropout}: must be in [0, 1)")
+    _check_backend_options(m.backend_options, source)
+
+
+def _check_backend_options(options: dict, source: str) -> None:
+    """Every backend's options: a mapping of names to plain values, numbers finite; sizes
+    (`d_state`, `d_conv`, `expand`, `rank`) whole and in a sane range. A backend checks the
+    meaning of its own options when it is built."""
+    for backend, opts in options.items():
+        if not isinstance(opts, dict):
+            raise UserError(f"{source}: model.backend_options.{backend}: expected a mapping")
+        for key, value in opts.items():
+            name = f"model.backend_options.{backend}.{key}"
+            if isinstance(value, bool) or isinstance(value, str) or value is None:
+                continue
+            if key in ("d_state", "d_conv", "expand", "rank"):
+                high = {"d_state": 4096, "d_conv": 64, "expand": 16, "rank": 16}[key]
+                number(f"{source}: {name}", value, low=1, high=high, integer=True)
+            elif isinstance(value, (int, float)):
+                number(f"{source}: {name}", value)
+            else:
+                raise UserError(f"{source}: {name} = {value!r}: expected a number, text or "
+                                "true/false")
 
 
 def _build(cls, data: Any, where: str):
@@ -143,10 +218,16 @@ def _build(cls, data: Any, where: str):
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], or int-or-text (batch_size: 4 or auto)
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, [a for a in args if a is not type(None)][0], where)
+        options = [a for a in args if a is not type(None)]
+        for a in options[:-1]:
+            try:
+                return _coerce(value, a, where)
+            except UserError:
+                pass
+        return _coerce(value, options[-1], where)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
@@ -160,6 +241,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is int:
+        if isinstance(value, str):  # YAML 1.1 reads 1e6 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -191,11 +277,40 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml") and p.name != "base.yaml")
 
 
+def recipe_names() -> list[str]:
+    """Training recipes shipped with the package (cpu, gpu, paper)."""
+    files = resources.files("ssmgen").joinpath("recipes").iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+#: Where a working folder keeps its own presets: searched before the shipped ones.
+USER_PRESETS = Path("presets")
+
+
+def _yaml_children(node: yaml.Node):
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return None
+
+
 def _read_yaml(text: str, source: str) -> dict:
+    """A YAML mapping read with the safe loader; refused if its aliases would expand it past
+    `validate.MAX_PLAIN_NODES` (checked on the composed nodes, before anything is built)."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        bounded_size(node, _yaml_children, source)
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply; refusing it") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -203,18 +318,68 @@ def _read_yaml(text: str, source: str) -> dict:
     return data
 
 
+def _shipped(folder: str, name: str) -> str:
+    return resources.files("ssmgen").joinpath(folder, f"{name}.yaml").read_text()
+
+
 def read_preset(name_or_path: str) -> tuple[dict, str]:
-    """The override dict of a shipped preset name or a user YAML path, and its display name."""
-    if name_or_path in preset_names() or name_or_path == "base":
-        text = resources.files("ssmgen").joinpath("presets", f"{name_or_path}.yaml").read_text()
-        return _read_yaml(text, f"preset {name_or_path}"), name_or_path
+    """The override dict of a preset and its display name: a YAML path, a preset in the working
+    folder's `presets/` (searched first), or one shipped with ssmgen."""
+    if name_or_path == "base":
+        return _read_yaml(_shipped("presets", "base"), "preset base"), "base"
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not path.is_file():
             raise UserError(f"{path}: no such preset file")
-        return _read_yaml(path.read_text(encoding="utf-8"), str(path)), str(path)
-    raise UserError(f"unknown preset '{name_or_path}': use one of {', '.join(preset_names())} "
-                    "or a path to a .yaml file")
+        return _read_yaml(_read_text(path), str(path)), str(path)
+    own = USER_PRESETS / f"{name_or_path}.yaml"
+    if own.is_file():
+        return _read_yaml(_read_text(own), str(own)), name_or_path
+    if name_or_path in preset_names():
+        return _read_yaml(_shipped("presets", name_or_path), f"preset {name_or_path}"), name_or_path
+    raise UserError(f"unknown preset '{name_or_path}': use one of {', '.join(preset_names())}, "
+                    "a file in ./presets/ or a path to a .yaml file")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise UserError(f"{path}: over 1 MB; not a preset")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def preset_text(name_or_path: str) -> str:
+    """A preset's YAML as written, for `ssmgen presets --show NAME` (to copy and edit)."""
+    read_preset(name_or_path)  # the same checks and errors as using it
+    path = Path(name_or_path)
+    if path.is_file():
+        return _read_text(path)
+    own = USER_PRESETS / f"{name_or_path}.yaml"
+    if own.is_file():
+        return _read_text(own)
+    return _shipped("presets", name_or_path)
+
+
+def read_recipe(name: str) -> dict:
+    """A recipe's override dict (train fields only)."""
+    if name not in recipe_names():
+        raise UserError(f"--recipe {name}: use auto or one of {', '.join(recipe_names())}")
+    data = _read_yaml(_shipped("recipes", name), f"recipe {name}")
+    if set(data) - {"train"}:
+        raise UserError(f"recipe {name}: may only set train fields")
+    return data
+
+
+def device_recipe(device: str = "auto") -> str:
+    """The recipe that trains well on `device` (auto: this machine's): gpu on CUDA, else cpu."""
+    if device == "auto":
+        import torch
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if device == "cuda" else "cpu"
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -247,16 +412,27 @@ def apply_override(data: dict, assignment: str) -> dict:
 
 
 def load_config(preset: str = "ablated", backend: str | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """Resolve a preset (name or YAML path) over the base, with optional backend and overrides."""
+                overrides: list[str] | None = None, recipe: str | None = None) -> Config:
+    """Resolve a preset (name or YAML path) with a training recipe over the base, with an
+    optional backend and `--set` overrides. `recipe`: a name from `recipe_names()`, or None /
+    "auto" for the preset's own choice, else the one that fits the device."""
     base, _ = read_preset("base")
     over, name = read_preset(preset)
-    data = merge(base, over)
+    own_recipe = over.pop("recipe", None)
+    if recipe in (None, "auto"):
+        if own_recipe is not None:
+            recipe = str(own_recipe)
+        else:  # the device the run asks for decides (an override may name one)
+            probe = merge(base, over)
+            for item in overrides or []:
+                probe = apply_override(probe, item)
+            recipe = device_recipe(str(probe.get("train", {}).get("device", "auto")))
+    data = merge(merge(base, read_recipe(recipe)), over)
     if backend:
         data = merge(data, {"model": {"backend": backend}})
     for item in overrides or []:
         data = apply_override(data, item)
-    data["preset"] = name
+    data["preset"], data["recipe"] = name, recipe
     if data.get("model", {}).get("seq_len") is None:  # the length this model is trained at
         data = merge(data, {"model": {"seq_len": data.get("train", {}).get("sample_len")}})
     cfg = Config.from_dict(data, source=f"preset {name}")

@@ -19,6 +19,17 @@ from ssmgen.errors import UserError
 
 SILENCE_TOKEN = 128
 SPLITS = ("train", "val", "test")
+FORMAT = "ssmgen-dataset"  # a dataset's manifest.json says so
+FORMAT_VERSION = 1
+
+
+def is_dataset(folder: str | Path) -> bool:
+    """Whether `folder` holds a manifest.json of an ssmgen dataset."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,9 @@ class Dataset:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{manifest_path}: unreadable manifest ({e})") from None
-        if self.manifest.get("format") != "ssmgen-dataset":
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise UserError(f"{manifest_path}: not an ssmgen dataset manifest")
+        _check_manifest(self.manifest, manifest_path)
         self._arrays: dict[str, np.ndarray] = {}
 
     @property
@@ -64,11 +76,22 @@ class Dataset:
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         if split not in self._arrays:
-            path = self.root / self.manifest["splits"][split]["file"]
+            info = self.manifest["splits"].get(split)
+            if info is None:
+                raise UserError(f"{self.root}: the manifest has no {split} split")
+            path = self.root / info["file"]
             try:
-                self._arrays[split] = np.load(path, mmap_mode="r", allow_pickle=False)
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise UserError(f"{path}: cannot read split '{split}' ({e})") from None
+            if array.dtype != np.uint8 or array.ndim != 1 or len(array) != info["samples"]:
+                raise UserError(f"{path}: holds {array.dtype} {array.shape}, where the manifest "
+                                f"says {info['samples']} uint8 tokens; prepare the dataset again")
+            end = max((s.offset + s.length for s in self.segments(split)), default=0)
+            if end > len(array):
+                raise UserError(f"{self.root / 'manifest.json'}: its {split} files reach past "
+                                f"the end of {path.name}; prepare the dataset again")
+            self._arrays[split] = array
         return self._arrays[split]
 
     def segments(self, split: str) -> list[Segment]:
@@ -126,6 +149,43 @@ class Dataset:
 
     def split_samples(self, split: str) -> int:
         return sum(s.length for s in self.segments(split))
+
+
+def _check_manifest(m: dict, path: Path) -> None:
+    """What reading a dataset relies on, checked once: one line naming the manifest otherwise."""
+    from ssmgen.audio import ENCODINGS, NORMALIZATIONS
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: damaged manifest ({what}); prepare the dataset again")
+
+    rate = m.get("rate")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= 384000:
+        raise bad(f"rate {rate!r}")
+    if m.get("encoding") not in ENCODINGS:
+        raise bad(f"encoding {m.get('encoding')!r}")
+    if m.get("normalization") not in NORMALIZATIONS or m.get("bits") != 8:
+        raise bad("normalization or bits")
+    splits, files = m.get("splits"), m.get("files")
+    if not isinstance(splits, dict) or not isinstance(files, list):
+        raise bad("no splits or files")
+    for name, info in splits.items():
+        if name not in SPLITS or not isinstance(info, dict):
+            raise bad(f"split {name!r}")
+        file = info.get("file")
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise bad(f"split file {file!r}")  # a plain name inside the dataset, nothing else
+        if not _count(info.get("samples")):
+            raise bad(f"{name} samples {info.get('samples')!r}")
+    for f in files:
+        segs = f.get("segments") or [f] if isinstance(f, dict) else [None]
+        for seg in segs:
+            if not isinstance(seg, dict) or not (_count(seg.get("offset")) and
+                                                 _count(seg.get("length"))):
+                raise bad("a file entry without offset and length")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def token_chunks(tokens: np.ndarray, length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmgen.data import Dataset, token_chunks
+from ssmgen.data import SPLITS, Dataset, token_chunks
 from ssmgen.errors import UserError
 from ssmgen.progress import progress_bar
+from ssmgen.runtime import check_memory, resolve_device
+from ssmgen.validate import number
 
 TOPK = (1, 3, 5, 10)
 
@@ -75,8 +77,11 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`)."""
     from ssmgen.checkpoint import load_model
-    from ssmgen.train import resolve_device
 
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: use one of {', '.join(SPLITS)}")
+    if max_samples is not None:
+        number("--max-samples", max_samples, low=1, integer=True)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     if data:
@@ -104,12 +109,11 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
 def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len: int | None = None,
                    device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on audio files (any format, rate and channels), each read exactly as
-    training files were (`audio.load_song`) and scored as an eval split is, in chunks of
+    training files were (`audio.read_song_tokens`) and scored as an eval split is, in chunks of
     `chunk_len` (default: the training chunk). Returns the overall figures and one entry per file
     under 'files'."""
-    from ssmgen.audio import encode, load_song
+    from ssmgen.audio import probe, read_song_tokens
     from ssmgen.checkpoint import load_model
-    from ssmgen.train import resolve_device
 
     if not files:
         raise UserError("no audio files to evaluate")
@@ -117,10 +121,12 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
     model, ckpt = load_model(checkpoint, dev)
     fmt = ckpt["data_format"]
     length = chunk_len or int(ckpt["config"]["train"]["sample_len"])
-    songs = []  # every file read first: a bad one fails in seconds, not after the others scored
-    for f in files:
-        audio, gain, _ = load_song(f, fmt)
-        songs.append((str(f), encode(audio * gain, fmt["encoding"])))
+    rate = int(fmt["rate"])
+    infos = [probe(f) for f in files]  # every file checked first: a bad one fails in seconds
+    need = sum(i.frames / i.samplerate * rate for i in infos) * 1.1  # one byte per token
+    check_memory(need, f"scoring {len(files)} file(s) ({need / rate / 3600:.1f} h of audio)",
+                 "score fewer or shorter files at a time")
+    songs = [(str(f), read_song_tokens(f, fmt)) for f in files]
     per_file = []
     for name, tokens in songs:
         r = score_chunks(model, token_chunks(tokens, length), total=len(tokens),

@@ -28,10 +28,10 @@ prompts are read through the block graph with forced tokens.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -43,8 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from ssmgen import __version__
-from ssmgen.atomic import atomic_output
+from ssmgen.atomic import atomic_output, check_output
 from ssmgen.errors import UserError
+from ssmgen.validate import number
 
 DEFAULT_OPSET = 20
 N_TOKENS = 256
@@ -221,19 +222,6 @@ def frozen_step_caches(model):
 # Export
 # ------------------------------------------------------------------------------------------------
 
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give a file name like model.onnx")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such folder for the output")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"{out}: cannot write here ({e.strerror or type(e).__name__})") from None
-
-
 def _check_backend(model) -> None:
     from ssmgen.backends import SequenceBackend
 
@@ -252,39 +240,34 @@ def state_shapes(model) -> dict[str, list]:
 
 
 def export_onnx(checkpoint, out, *, opset: int = DEFAULT_OPSET, block: bool = True,
-                prompt_graph: bool = False, verify_steps: int = 2048) -> dict[str, Any]:
+                verify_steps: int = 2048, force: bool = False) -> dict[str, Any]:
     """Export the recurrent step of the model in `checkpoint` (file or run folder) to `out` (.onnx),
     then verify it: onnxruntime and torch run the same inputs for `verify_steps` steps; logits must
     agree within 1e-4 and sampled tokens exactly, else ExportVerificationError. The file is written
-    atomically (a temp file in the same folder, renamed once verified). Returns a summary."""
-    from ssmgen.checkpoint import load_model
+    under `ssmgen.atomic`'s rules (a temp file renamed once verified; an existing file replaced
+    only with `force`, never a non-regular file or the checkpoint). Returns a summary."""
+    from ssmgen.checkpoint import load_model, resolve
 
     out = Path(out)
-    if prompt_graph:
-        raise UserError("--prompt-graph: not supported: the parallel prompt read uses FFTs that "
-                        "ONNX export does not cover; read prompts through the block graph with "
-                        "forced tokens (see examples/onnx_continue.py)")
-    if not 9 <= opset <= 20:
-        raise UserError(f"--opset {opset}: use 9..20 (9 is the first with Where, 20 the "
-                        f"TorchScript exporter's maximum; default {DEFAULT_OPSET})")
+    number("--opset", opset, low=9, high=20, integer=True)
+    number("--verify-steps", verify_steps, low=16, high=1 << 20, integer=True)
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("export needs onnx and onnxruntime: pip install 'ssmgen[onnx]'") from None
-    _check_out(out)
+    inputs = [resolve(checkpoint)]
+    check_output(out, force=force, inputs=inputs)
     model, ckpt = load_model(checkpoint, "cpu")
-    if "data_format" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{ckpt['path']}: checkpoint has no data format or config")
     _check_backend(model)
     model.eval()
     names = model.state_names()
 
     t0 = time.perf_counter()
-    with atomic_output(out) as tmp:  # a graph that fails verification is never written
-        _trace(model, str(tmp), opset, block)
-        meta = _metadata(model, ckpt, opset, block)
-        _write_metadata(str(tmp), meta)
+    with atomic_output(out, replace=force, inputs=inputs) as tmp:  # never a graph that fails
+        graph = _with_metadata(_trace(model, opset, block), _metadata(model, ckpt, opset, block))
+        with open(tmp, "wb") as f:  # a full disk is an OSError here, reported as such
+            f.write(graph)
         export_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         check = verify(model, str(tmp), block=block, steps=verify_steps)
@@ -294,9 +277,7 @@ def export_onnx(checkpoint, out, *, opset: int = DEFAULT_OPSET, block: bool = Tr
             "size_bytes": out.stat().st_size, "state_names": names,
             "max_logit_diff": check["max_logit_diff"], "steps_verified": check["steps"],
             "tokens_identical": check["tokens_identical"], "export_s": export_s,
-            "verify_s": verify_s,
-            "prompt_graph": "not exported: prompts are read through the block graph with "
-                            "forced tokens"}
+            "verify_s": verify_s}
 
 
 def _dummy_inputs(model, block: bool, batch: int = 2):
@@ -318,7 +299,9 @@ def io_names(model, block: bool) -> tuple[list[str], list[str]]:
     return (first_in + [f"state.{n}" for n in names], first_out + [f"next.{n}" for n in names])
 
 
-def _trace(model, path: str, opset: int, block: bool) -> None:
+def _trace(model, opset: int, block: bool) -> bytes:
+    """The traced graph as the bytes of an .onnx file (in memory: the exporter's own file writing
+    would hide a full disk)."""
     inputs, outputs = io_names(model, block)
     graph = BlockGraph(model) if block else SingleGraph(model)
     k = len(model.state_names())
@@ -329,11 +312,13 @@ def _trace(model, path: str, opset: int, block: bool) -> None:
                    logits={1: "B"})
     else:
         dyn["logits"] = {0: "B"}
+    buf = io.BytesIO()
     with frozen_step_caches(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, _dummy_inputs(model, block), path, dynamo=False,
+        torch.onnx.export(graph, _dummy_inputs(model, block), buf, dynamo=False,
                           opset_version=opset, input_names=inputs, output_names=outputs,
                           dynamic_axes=dyn, do_constant_folding=True)
+    return buf.getvalue()
 
 
 def _metadata(model, ckpt: dict, opset: int, block: bool) -> dict[str, str]:
@@ -367,16 +352,16 @@ def _metadata(model, ckpt: dict, opset: int, block: bool) -> dict[str, str]:
     }
 
 
-def _write_metadata(path: str, meta: dict[str, str]) -> None:
+def _with_metadata(graph: bytes, meta: dict[str, str]) -> bytes:
     import onnx
 
-    m = onnx.load(path)
+    m = onnx.load_from_string(graph)
     del m.metadata_props[:]
     for k, v in meta.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
     m.doc_string = "ssmgen SaShiMi recurrent step (see metadata_props)"
-    onnx.save(m, path)
+    return m.SerializeToString()
 
 
 # ------------------------------------------------------------------------------------------------

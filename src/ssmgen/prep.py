@@ -33,13 +33,13 @@ from ssmgen.prep_files import (MIN_TRAIN_MINUTES, SILENCE_DBFS, SILENCE_FRAME_S,
                                dbfs, decode_file, find_candidates, hash_file, read_tokens,
                                skip_entry as _skip)
 from ssmgen.atomic import WRITE_ERRNOS, pid_alive, remove_stale_temps
+from ssmgen.data import FORMAT, FORMAT_VERSION, is_dataset
 from ssmgen.errors import UserError
 from ssmgen.progress import progress_bar
+from ssmgen.validate import number
 
 log = logging.getLogger("ssmgen.prep")
 
-FORMAT = "ssmgen-dataset"
-FORMAT_VERSION = 1
 BY_TIME_MAX_FILES = 2  # with this few usable files, each file is split by time instead
 REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated", "not finite")  # same bytes, same verdict
 _MARKER = ".ssmgen-build"  # marks a build folder as ours, so a stale one may be removed
@@ -47,13 +47,13 @@ _MARKER = ".ssmgen-build"  # marks a build folder as ours, so a stale one may be
 __all__ = ["prepare", "FORMAT", "FORMAT_VERSION", "SILENT_PEAK"]
 
 
-def prepare(src, out, *, rate: int = 16000, encoding: str = "mulaw", bits: int = 8,
+def prepare(src, out, *, rate: int = 16000, encoding: str = "mulaw",
             normalization: str = "peak", split=(0.9, 0.05, 0.05), seed: int = 0,
             jobs: int | None = None, force: bool = False, progress: bool = True) -> dict:
     """Prepare the audio under `src` as a dataset in `out`; returns the manifest (also written as
     `out/manifest.json`). Raises UserError (one line, naming the path) for user mistakes."""
     t0 = time.monotonic()
-    settings = _check_options(rate, encoding, bits, normalization, split, jobs)
+    settings = _check_options(rate, encoding, normalization, split, jobs, seed)
     src, out = _check_paths(Path(src), Path(out))
     old = None if force else _open_old(out, settings)
     build = _make_build_dir(out)
@@ -77,7 +77,7 @@ def prepare(src, out, *, rate: int = 16000, encoding: str = "mulaw", bits: int =
 
 
 def _not_written(out: Path, why: str) -> UserError:
-    kept = "the previous dataset is untouched" if _is_dataset(out) else "nothing was written"
+    kept = "the previous dataset is untouched" if is_dataset(out) else "nothing was written"
     return UserError(f"{out}: could not write the dataset ({why}); {kept}")
 
 
@@ -85,37 +85,26 @@ def _not_written(out: Path, why: str) -> UserError:
 # Checks
 # ------------------------------------------------------------------------------------------------
 
-def _check_options(rate, encoding, bits, normalization, split, jobs) -> dict:
-    if bits != 8:
-        raise UserError(f"--bits {bits}: the model predicts 8-bit tokens (256 classes); "
-                        "use --bits 8")
+def _check_options(rate, encoding, normalization, split, jobs, seed) -> dict:
     if encoding not in ENCODINGS:
         raise UserError(f"--encoding '{encoding}': unknown; use one of {', '.join(ENCODINGS)}")
     if normalization not in NORMALIZATIONS:
         raise UserError(f"--normalize '{normalization}': unknown; use one of "
                         f"{', '.join(NORMALIZATIONS)}")
-    if (isinstance(rate, bool) or not isinstance(rate, (int, np.integer))
-            or not 4000 <= rate <= 192000):
-        raise UserError(f"--rate {rate}: expected a whole number of Hz between 4000 and 192000")
+    rate = number("--rate", rate, low=4000, high=192000, integer=True)
+    number("--seed", seed, low=0, high=2**63 - 1, integer=True)
     try:
         shares = [float(s) for s in split]
     except (TypeError, ValueError):
         raise UserError(f"--split {split!r}: expected three numbers like 90/5/5") from None
-    if len(shares) != 3 or any(not s >= 0 for s in shares) or shares[0] <= 0:
+    if len(shares) != 3 or any(not (math.isfinite(s) and s >= 0) for s in shares) \
+            or shares[0] <= 0:
         raise UserError(f"--split {split!r}: expected three non-negative shares, train above 0")
     total = sum(shares)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs {jobs}: expected 1 or more")
+    if jobs is not None:
+        number("--jobs", jobs, low=1, high=1024, integer=True)
     return {"rate": int(rate), "encoding": encoding, "bits": 8, "normalization": normalization,
             "shares": [s / total for s in shares], "jobs": jobs or os.cpu_count() or 1}
-
-
-def _is_dataset(folder: Path) -> bool:
-    try:
-        m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(m, dict) and m.get("format") == FORMAT
 
 
 def _check_paths(src: Path, out: Path) -> tuple[Path, Path]:
@@ -132,7 +121,7 @@ def _check_paths(src: Path, out: Path) -> tuple[Path, Path]:
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
-        if not _is_dataset(out) and any(out.iterdir()):
+        if not is_dataset(out) and any(out.iterdir()):
             raise UserError(f"{out}: exists, is not empty and is not an ssmgen dataset; "
                             "refusing to overwrite it (choose another --out)")
     parent = Path(os.path.abspath(out)).parent
@@ -159,7 +148,7 @@ def _recover_interrupted_swap(out: Path) -> None:
     """If a prep died between its two renames, put the old dataset back where it was; remove what
     dead preps left (only folders that are provably ours)."""
     for p, pid in _siblings(out, "old"):
-        if pid_alive(pid) or not _is_dataset(p):
+        if pid_alive(pid) or not is_dataset(p):
             continue
         if not out.exists():
             p.rename(out)
@@ -200,7 +189,7 @@ def _carry_user_files(out: Path, build: Path) -> None:
     folder of theirs) into the new build, so the swap keeps it. Links, not moves: until the swap
     the old dataset keeps every file, so an interruption loses nothing. Where a link is
     impossible, stop with one line before anything is replaced."""
-    if not _is_dataset(out):
+    if not is_dataset(out):
         return
     remove_stale_temps(out)
     ours = _ours(out)
@@ -269,7 +258,7 @@ class _OldDataset:
 
 
 def _open_old(out: Path, settings: dict) -> _OldDataset | None:
-    if not _is_dataset(out):
+    if not is_dataset(out):
         return None
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     same = (m.get("format_version") == FORMAT_VERSION

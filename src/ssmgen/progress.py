@@ -42,14 +42,21 @@ _stderr = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(enabled: bool = True, extra: str = "") -> Iterator[Progress]:
+def progress_bar(enabled: bool = True, extra: str = "", endless: bool = False) -> Iterator[Progress]:
     """A rich Progress with description, bar, count, rate (and real-time factor), elapsed and ETA.
-    `extra` is a format string over task fields (e.g. "loss {task.fields[loss]:.3f}")."""
+    `extra` is a format string over task fields (e.g. "loss {task.fields[loss]:.3f}").
+    `endless`: work with no known end (training until Ctrl-C): a pulsing bar, the rate and the
+    elapsed time, no count of a total and no ETA."""
     columns: list[ProgressColumn | str] = [SpinnerColumn(), TextColumn("{task.description}"),
-                                          BarColumn(), MofNCompleteColumn(), RateColumn()]
+                                          BarColumn()]
+    if not endless:
+        columns.append(MofNCompleteColumn())
+    columns.append(RateColumn())
     if extra:
         columns.append(TextColumn(extra))
-    columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    columns.append(TimeElapsedColumn())
+    if not endless:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
     disable = not enabled or not sys.stderr.isatty()
     with Progress(*columns, console=_stderr, disable=disable, transient=False) as p:
         yield p

@@ -5,9 +5,9 @@ scripts, no external files: it opens from disk in any browser.
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,9 @@ def write_listening_sample(run: Path, model, dataset, cfg, step: int, device) ->
     prompt = np.asarray(dataset.tokens(split)[segs[0].offset: segs[0].offset + n_prompt],
                         dtype=np.int64)[None]
     n_new = int(cfg.train.sample_seconds * rate)
+    if next(model.parameters()).device.type != "cpu":
+        # a few seconds of audio: the CPU's compiled engine beats eager GPU steps by far
+        model = copy.deepcopy(model).cpu()
     new = continue_tokens(model, prompt, n_new, temperature=1.0, seed=0, engine="auto")
     audio = decode(np.concatenate([prompt[0], new[0]]).astype(np.uint8), dataset.data_format()["encoding"])
     path = run / "samples" / f"step_{step:07d}.wav"
@@ -81,9 +84,9 @@ def write_index(run: Path) -> Path:
                      f'<audio controls preload="none" src="samples/{html.escape(wav.name)}">'
                      f'</audio></li>')
     config = ""
-    ckpt_meta = run / "config.json"
-    if ckpt_meta.exists():
-        config = f"<pre>{html.escape(ckpt_meta.read_text())}</pre>"
+    marker = run / "run.json"  # how the run was started (workspace.mark_run)
+    if marker.exists():
+        config = f"<h2>Settings</h2><pre>{html.escape(marker.read_text())}</pre>"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ssmgen run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}} li{{margin:.8em 0}}</style>
@@ -98,7 +101,3 @@ def write_index(run: Path) -> Path:
 </body></html>
 """
     return atomic_write_text(run / "index.html", page)
-
-
-def write_config(run: Path, summary: dict) -> None:
-    atomic_write_text(Path(run) / "config.json", json.dumps(summary, indent=2))

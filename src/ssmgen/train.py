@@ -17,10 +17,10 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssmgen.atomic import remove_stale_temps
 from ssmgen.checkpoint import load_checkpoint, save_checkpoint
-from ssmgen.config import Config
+from ssmgen.config import AUTO_BATCH_MAX, Config
 from ssmgen.data import Dataset
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
-from ssmgen.model import SaShiMi, count_parameters
+from ssmgen.model import SaShiMi, activation_bytes, count_parameters, new_model
 from ssmgen.progress import progress_bar
+from ssmgen.runtime import available_memory, check_memory, resolve_device
+from ssmgen.workspace import is_run, mark_run, new_run
 
 log = logging.getLogger("ssmgen.train")
 METRICS = ["step", "seconds", "lr", "loss", "train_bpb", "samples_per_s", "val_bpb", "val_acc1",
@@ -101,211 +104,340 @@ def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW:
 # Helpers
 # ------------------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here (use --device cpu)")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
 def _step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def _available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def training_bytes(cfg: Config, parameters: int, batch: int) -> int:
+    """Memory a training step needs: activations for `batch` crops plus weights, gradients and
+    AdamW's two moments."""
+    return activation_bytes(cfg.model, batch, cfg.train.sample_len) + 16 * parameters
 
 
-def estimate_memory(model: SaShiMi, batch: int, length: int) -> int:
-    """A rough upper estimate of training memory in bytes: activations of every layer at its
-    tier's rate (about 40 floats per channel per position, FFT buffers included) plus weights and
-    AdamW state."""
-    cfg = model.cfg
-    per_position, rate = 0.0, 1.0
-    for level, width in enumerate(model.widths):
-        per_position += 40 * width * cfg.n_layers * rate
-        rate /= cfg.pool[level] if level < len(cfg.pool) else 1
-    return int(4 * (batch * length * per_position + 4 * count_parameters(model)))
+def auto_batch(cfg: Config, parameters: int, device: torch.device, world: int) -> int:
+    """The global batch for `batch_size: auto`: as many crops per process as fit in 70% of the
+    device's free memory, at most AUTO_BATCH_MAX in all, a multiple of the process count."""
+    have = available_memory(device) or 0
+    per_crop = activation_bytes(cfg.model, 1, cfg.train.sample_len)
+    fit = int((0.7 * have - 16 * parameters) // max(per_crop, 1))
+    per_rank = max(1, min(fit, AUTO_BATCH_MAX // world))
+    return per_rank * world
 
 
-def default_run_dir(cfg: Config) -> Path:
-    preset = Path(cfg.preset).stem
-    return Path("runs") / f"{preset}-{cfg.model.backend}-{datetime.now():%Y%m%d-%H%M%S}"
+# ------------------------------------------------------------------------------------------------
+# The run folder
+# ------------------------------------------------------------------------------------------------
+
+def check_run_folder(run: Path, resume: bool) -> None:
+    """A run folder must be ours: refuse (one line) a folder of the user's own files, an existing
+    run without --resume, or --resume where there is nothing to resume."""
+    last = run / "checkpoints" / "last.pt"
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run}: exists and is not a folder (choose another --out)")
+    if resume:
+        if not last.is_file():
+            raise UserError(f"{run}: nothing to resume (no checkpoints/last.pt)")
+        if not is_run(run):  # made before runs were marked: its checkpoint must be ours
+            load_checkpoint(last)
+        return
+    if not run.is_dir() or not any(run.iterdir()):
+        return
+    if last.is_file():
+        if not is_run(run):
+            load_checkpoint(last)  # one line if it is not ours
+        raise UserError(f"{run}: a run already lives here (use --resume to continue it, or "
+                        "another --out)")
+    if not is_run(run):
+        first = sorted(p.name for p in run.iterdir())[0]
+        raise UserError(f"{run}: holds files that are not a run of ssmgen (e.g. {first}); "
+                        "refusing to write into it: choose another --out")
+
+
+def resume_config(stored: Config, cfg: Config | None, source: str) -> Config:
+    """The config of a resumed run: the stored one, with the stop limits and device of `cfg`.
+    Any other field `cfg` sets differently is ignored, and said so."""
+    resumed = Config.from_dict(stored.to_dict(), source=source)
+    if cfg is None:
+        return resumed
+    given = Config.from_dict(cfg.to_dict(), source=source)
+    for key in ("max_steps", "max_minutes", "device"):
+        setattr(resumed.train, key, getattr(given.train, key))
+    a, b = resumed.to_dict(), given.to_dict()
+    for section in ("model", "train"):
+        for key in a[section]:
+            if a[section][key] != b[section][key] and key != "seq_len":
+                log.warning("resuming with the run's own %s.%s = %r (not %r)", section, key,
+                            a[section][key], b[section][key])
+    return resumed
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-def train(data: str | Path, cfg: Config, out: str | Path | None = None, *, resume: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+def train(data: str | Path, cfg: Config | None, out: str | Path | None = None, *,
+          resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train a model on a prepared dataset; returns a summary (run folder, steps, best bpb).
 
-    With `resume`, continues the run in `out` from its last checkpoint (its config wins, except
-    train.max_steps / train.max_minutes as given in `cfg`).
+    `out`: the run folder (default: a new ./runs/PRESET-BACKEND-N). It must be new, empty or a run
+    of ours. With `resume`, continues the run in `out` from its last checkpoint: its own config
+    wins, except the stop limits and device given in `cfg` (None: the run's own). With neither
+    train.max_steps nor train.max_minutes, training runs until Ctrl-C (which saves first).
     """
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    run = Path(out) if out else default_run_dir(cfg)
-    ckpt_dir = run / "checkpoints"
-    state = None
-    if resume:
-        if not (ckpt_dir / "last.pt").is_file():
-            raise UserError(f"{run}: nothing to resume (no checkpoints/last.pt)")
-        state = load_checkpoint(ckpt_dir / "last.pt")
-        limits = (cfg.train.max_steps, cfg.train.max_minutes)
-        cfg = Config.from_dict(state["config"], source=str(ckpt_dir / "last.pt"))
-        cfg.train.max_steps, cfg.train.max_minutes = limits
-    elif (ckpt_dir / "last.pt").exists():
-        raise UserError(f"{run}: a run already lives here (use --resume to continue it, or --out)")
-    if cfg.train.max_steps is None and cfg.train.max_minutes is None:
-        raise UserError("say how long to train: --max-steps or --max-minutes")
-    if state is None and cfg.model.seq_len is None:  # a config not made by load_config
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                 seq_len=cfg.train.sample_len))
-    if cfg.train.batch_size % world:
-        raise UserError(f"--batch-size {cfg.train.batch_size} is not divisible by the "
-                        f"{world} processes")
+    trainer = Trainer(data, cfg, out, resume=resume, progress=progress)
+    return trainer.run()
 
-    dataset = Dataset(data)
-    dataset.check_trainable(cfg.train.sample_len)
-    device = resolve_device(cfg.train.device)
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
 
-    torch.manual_seed(cfg.train.seed)
-    model = SaShiMi(cfg.model).to(device)
-    need, have = estimate_memory(model, cfg.train.batch_size // world, cfg.train.sample_len), \
-        _available_memory(device)
-    if have is not None and need > have:
-        raise UserError(f"not enough memory for batch {cfg.train.batch_size} x "
-                        f"{cfg.train.sample_len} samples on {device} (needs about "
-                        f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free): lower "
-                        "--batch-size or --sample-len")
-    optimizer = make_optimizer(model, cfg)
-    schedule = Schedule(cfg)
-    step, elapsed, best = 0, 0.0, math.inf
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, elapsed, best = int(state["step"]), float(state["seconds"]), float(state["best_bpb"])
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                      else None)
+class Trainer:
+    """One training run: the preflight checks (everything that can be refused is refused before
+    the run folder is created), then the loop, validation, checkpoints and the listening page."""
 
-    is_main = rank == 0
-    if is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(run / "metrics.csv", step)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
-           if device.type == "cuda" and cfg.train.amp in ("auto", "bf16") else nullcontext())
-    per_rank = cfg.train.batch_size // world
-    meta = {"config": cfg.to_dict(), "data_format": dataset.data_format(),
-            "dataset": str(Path(data).resolve()), "parameters": count_parameters(model)}
+    def __init__(self, data: str | Path, cfg: Config | None, out: str | Path | None, *,
+                 resume: bool, progress: bool) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        self.progress = progress
+        if resume and out is None:
+            raise UserError("--resume needs the run folder: --out RUN")
+        self.run_dir = Path(out) if out is not None else None
+        self.state = None
+        if self.run_dir is not None and self.is_main:
+            check_run_folder(self.run_dir, resume)
+        if resume:
+            last = self.run_dir / "checkpoints" / "last.pt"
+            self.state = load_checkpoint(last)
+            missing = [k for k in ("optimizer", "schedule", "seconds", "best_bpb")
+                       if k not in self.state]
+            if missing:
+                raise UserError(f"{last}: cannot resume from it (no {missing[0]}: a slimmed or "
+                                "damaged checkpoint)")
+            stored = Config.from_dict(self.state["config"], source=str(last))
+            cfg = resume_config(stored, cfg, str(last))
+        elif cfg is None:
+            raise UserError("train: give a config (or resume=True)")
+        if cfg.model.seq_len is None and self.state is None:  # a config not made by load_config
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                     seq_len=cfg.train.sample_len))
+        self.cfg = cfg
+        self.dataset = Dataset(data)
+        self.data = Path(data)
+        if self.state is not None and self.dataset.data_format() != self.state["data_format"]:
+            raise UserError(f"{data}: its format {self.dataset.data_format()} differs from the run's "
+                            f"{self.state['data_format']}; resume on the run's own dataset "
+                            f"({self.state.get('dataset') or 'recorded in its checkpoint'})")
+        self.device = resolve_device(cfg.train.device)
 
-    def checkpoint(tag: str, val: dict | None) -> None:
-        payload = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "schedule": schedule.state_dict(), "step": step, "seconds": elapsed,
-                   "best_bpb": best, "val": val or {}}
-        save_checkpoint(ckpt_dir / f"{tag}.pt", payload)
+    # --- preflight ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, world = self.cfg, self.world
+        torch.manual_seed(cfg.train.seed)
+        model = new_model(cfg.model, copies=4, what=f"preset {cfg.preset}",
+                          fix="choose a smaller model", device="cpu")
+        params = count_parameters(model)
+        if cfg.train.batch_size == "auto":
+            cfg.train.batch_size = auto_batch(cfg, params, self.device, world)
+        if cfg.train.batch_size % world:
+            raise UserError(f"--batch-size {cfg.train.batch_size} is not divisible by the "
+                            f"{world} processes")
+        self.dataset.check_trainable(cfg.train.sample_len)
+        check_memory(training_bytes(cfg, params, cfg.train.batch_size // world),
+                     f"training {cfg.train.batch_size} x {cfg.train.sample_len} samples per step",
+                     "lower --batch-size or --sample-len", self.device)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = Schedule(cfg)
+        self.step, self.elapsed, self.best = 0, 0.0, math.inf
+        if self.state is not None:
+            self.model.load_state_dict(self.state["model"])
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.schedule.load_state_dict(self.state["schedule"])
+            self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
+            self.best = float(self.state["best_bpb"])
 
-    def validate_and_save(loss_value: float) -> None:
-        nonlocal best, t_log, n_log
-        rate = n_log * cfg.train.batch_size * cfg.train.sample_len / (time.perf_counter() - t_log)
+    def _open_run(self) -> bool:
+        """Create (or adopt) the run folder, mark it as ours; True if this call created it."""
+        cfg = self.cfg
+        created = False
+        if self.run_dir is None:
+            self.run_dir = new_run(cfg.preset, cfg.model.backend)
+            created = True
+        elif not self.run_dir.exists():
+            try:
+                self.run_dir.mkdir(parents=True)
+            except OSError as e:
+                raise UserError(f"{self.run_dir}: cannot create the run folder "
+                                f"({e.strerror or e})") from None
+            created = True
+        if self.state is None or not is_run(self.run_dir):
+            mark_run(self.run_dir, {"preset": cfg.preset, "backend": cfg.model.backend,
+                                    "recipe": cfg.recipe, "dataset": str(self.data.resolve()),
+                                    "config": cfg.to_dict()})
+        for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
+            remove_stale_temps(folder)  # what a killed run left half-written
+        return created
+
+    # --- checkpoints and validation -------------------------------------------------------------
+    def checkpoint(self, tag: str, val: dict | None) -> None:
+        payload = {"config": self.cfg.to_dict(), "data_format": self.dataset.data_format(),
+                   "dataset": str(self.data.resolve()), "parameters": count_parameters(self.model),
+                   "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "schedule": self.schedule.state_dict(), "step": self.step,
+                   "seconds": self.elapsed, "best_bpb": self.best, "val": val or {}}
+        save_checkpoint(self.run_dir / "checkpoints" / f"{tag}.pt", payload)
+        self.saved = True
+
+    def validate_and_save(self, loss_value: float) -> dict | None:
+        cfg, now = self.cfg, time.perf_counter()
+        rate = self.n_log * cfg.train.batch_size * cfg.train.sample_len / max(now - self.t_log,
+                                                                             1e-9)
         val = None
-        if is_main:
-            val = _validate(model, dataset, cfg, device)
+        if self.is_main:
+            val = _validate(self.model, self.dataset, cfg, self.device)
             if val:
-                schedule.on_validation(val["bpb"])
-                best = min(best, val["bpb"])
-            _append_metrics(run / "metrics.csv", step, elapsed, optimizer, loss_value, rate, val)
-            checkpoint("last", val)
-            if val is None or val["bpb"] <= best:
-                checkpoint("best", val)
-            _listening(run, model, dataset, cfg, step, device)
-        if world > 1:
-            _sync_schedule(schedule)
-        t_log, n_log = time.perf_counter(), 0
-        model.train()
+                self.schedule.on_validation(val["bpb"])
+                self.best = min(self.best, val["bpb"])
+            _append_metrics(self.run_dir / "metrics.csv", self.step, self.elapsed,
+                            self.optimizer, loss_value, rate, val)
+            self.checkpoint("last", val)
+            if val is None or val["bpb"] <= self.best:
+                self.checkpoint("best", val)
+            _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device)
+        if self.world > 1:
+            _sync_schedule(self.schedule)
+        self.t_log, self.n_log = time.perf_counter(), 0
+        self.model.train()
+        return val
 
-    stop = _StopFlag()
-    validated_at, value = step, math.nan
-    limit_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else math.inf
-    max_steps = cfg.train.max_steps if cfg.train.max_steps is not None else 1 << 62
-    reason = "max steps"
-    started, t_log, n_log = time.perf_counter() - elapsed, time.perf_counter(), 0
-    model.train()
-    with stop, progress_bar(progress and is_main,
-                            extra="loss {task.fields[loss]:.3f}  bpb {task.fields[bpb]:.3f}") as bar:
-        task = bar.add_task("training", total=cfg.train.max_steps, completed=step, loss=math.nan,
-                            bpb=math.nan, unit="steps")
-        while step < max_steps:
-            # Every rank must stop at the same step: rank 0's clock and Ctrl-C decide.
-            stopping = _agree(world, 2 if stop.requested else
-                              1 if time.perf_counter() - started >= limit_s else 0)
-            if stopping:
-                reason = "interrupted" if stopping == 2 else "time limit"
-                break
-            seed = _step_seed(cfg.train.seed, step)
-            inputs, targets = dataset.random_crops(cfg.train.batch_size, cfg.train.sample_len,
-                                                   np.random.default_rng(seed))
-            sl = slice(rank * per_rank, (rank + 1) * per_rank)
-            x = torch.from_numpy(inputs[sl]).to(device)
-            y = torch.from_numpy(targets[sl]).to(device)
-            torch.manual_seed(seed)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * schedule.multiplier(step)
-            with amp:
-                logits = net(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}: stopped; the last good checkpoint "
-                    f"is {ckpt_dir / 'last.pt'} (try a lower --lr)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            step += 1
-            n_log += 1
-            elapsed = time.perf_counter() - started
-            value = loss.item()
-            bar.update(task, advance=1, loss=value, bpb=value / math.log(2))
-            if step % cfg.train.val_every == 0 or step == max_steps:
-                validate_and_save(value)
-                validated_at = step
-        if reason == "time limit" and step > validated_at:
-            validate_and_save(value)  # a timed run ends with a validated checkpoint too
-            validated_at = step
-    if is_main and step > validated_at:
-        checkpoint("last", None)  # interrupted between validations: keep every finished step
-        if not (ckpt_dir / "best.pt").exists():
-            checkpoint("best", None)
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    if reason == "interrupted":
-        raise KeyboardInterrupt
-    return {"run": str(run), "steps": step, "seconds": elapsed, "best_bpb": best,
-            "stopped": reason, "checkpoint": str(ckpt_dir / "last.pt")}
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, world, rank = self.cfg, self.world, self.rank
+        if world > 1:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+        try:
+            self._build()
+        except BaseException:
+            if world > 1:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+            raise
+        created, self.saved = False, False
+        if self.is_main:
+            created = self._open_run()
+            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None)
+        try:
+            return self._loop(world, rank)
+        except BaseException:
+            if created and not self.saved:  # a failed start leaves no empty run behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        finally:
+            if world > 1:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+
+    def _loop(self, world: int, rank: int) -> dict[str, Any]:
+        cfg, model, device = self.cfg, self.model, self.device
+        net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                          else None)
+        ckpt_dir = self.run_dir / "checkpoints" if self.run_dir else Path("checkpoints")
+        if self.is_main:
+            _truncate_metrics(self.run_dir / "metrics.csv", self.step)
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+               if device.type == "cuda" and cfg.train.amp in ("auto", "bf16") else nullcontext())
+        per_rank = cfg.train.batch_size // world
+        per_step = cfg.train.batch_size * cfg.train.sample_len
+        stop = _StopFlag()
+        validated_at, value, last_val = self.step, math.nan, math.nan
+        limit_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else math.inf
+        max_steps = cfg.train.max_steps if cfg.train.max_steps is not None else 1 << 62
+        reason = "max steps"
+        started = time.perf_counter() - self.elapsed
+        self.t_log, self.n_log = time.perf_counter(), 0
+        model.train()
+        total = cfg.train.max_steps * per_step if cfg.train.max_steps is not None else None
+        with stop, progress_bar(self.progress and self.is_main, endless=total is None,
+                                extra="step {task.fields[step]}  train bpb {task.fields[loss]:.3f}"
+                                      "  val bpb {task.fields[val]:.3f}") as bar:
+            task = bar.add_task("training", total=total, completed=self.step * per_step,
+                                loss=math.nan, val=math.nan, step=self.step, unit="samples")
+            while self.step < max_steps:
+                # Every rank must stop at the same step: rank 0's clock and Ctrl-C decide.
+                stopping = _agree(world, 2 if stop.requested else
+                                  1 if time.perf_counter() - started >= limit_s else 0)
+                if stopping:
+                    reason = "interrupted" if stopping == 2 else "time limit"
+                    break
+                seed = _step_seed(cfg.train.seed, self.step)
+                inputs, targets = self.dataset.random_crops(cfg.train.batch_size,
+                                                            cfg.train.sample_len,
+                                                            np.random.default_rng(seed))
+                sl = slice(rank * per_rank, (rank + 1) * per_rank)
+                x = torch.from_numpy(inputs[sl]).to(device)
+                y = torch.from_numpy(targets[sl]).to(device)
+                torch.manual_seed(seed)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * self.schedule.multiplier(self.step)
+                with amp:
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step}: stopped; the last good "
+                        f"checkpoint is {ckpt_dir / 'last.pt'} (try a lower --lr)")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                self.n_log += 1
+                self.elapsed = time.perf_counter() - started
+                value = loss.item()
+                if self.step % cfg.train.val_every == 0 or self.step == max_steps:
+                    val = self.validate_and_save(value)
+                    last_val = val["bpb"] if val else last_val
+                    validated_at = self.step
+                bar.update(task, advance=per_step, loss=value / math.log(2), val=last_val,
+                           step=self.step)
+            if reason == "time limit" and self.step > validated_at:
+                self.validate_and_save(value)  # a timed run ends with a validated checkpoint too
+                validated_at = self.step
+        if self.is_main and self.step > validated_at:
+            self.checkpoint("last", None)  # interrupted between validations: keep every step
+            if not (ckpt_dir / "best.pt").exists():
+                self.checkpoint("best", None)
+        if reason == "interrupted":
+            raise KeyboardInterrupt
+        return {"run": str(self.run_dir), "steps": self.step, "seconds": self.elapsed,
+                "best_bpb": self.best, "stopped": reason, "checkpoint": str(ckpt_dir / "last.pt"),
+                "recipe": cfg.recipe, "batch_size": cfg.train.batch_size,
+                "sample_len": cfg.train.sample_len}
+
+
+def _announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
+              resumed: bool) -> None:
+    """Say, before the first step, where the run goes, how it trains and how it will stop."""
+    t = cfg.train
+    warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
+    log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step, lr %g%s, "
+             "schedule %s) on %s", "resuming" if resumed else "training into", run, cfg.preset,
+             cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, t.lr, warm, t.schedule,
+             device.type)
+    if t.max_steps is None and t.max_minutes is None:
+        log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
+                 "saves a checkpoint first; validation every %d steps", t.val_every)
+    else:
+        parts = ([f"{t.max_steps} steps"] if t.max_steps is not None else []) + \
+            ([f"{t.max_minutes:g} minutes"] if t.max_minutes is not None else [])
+        log.info("stops after %s (Ctrl-C saves and stops earlier)", " or ".join(parts))
 
 
 def _validate(model: SaShiMi, dataset: Dataset, cfg: Config, device) -> dict | None:

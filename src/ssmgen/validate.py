@@ -38,6 +38,8 @@ def number(name: str, value: Any, *, low: float | None = None, high: float | Non
 
 
 def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if high is not None and high >= 1e9:  # a bound against overflow, not a meaningful limit
+        high = None
     if high is None:
         return f"{'above' if low_open else 'at least'} {low:g}"
     if low is None:

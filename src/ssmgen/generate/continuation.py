@@ -18,10 +18,16 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ssmgen.audio import (atomic_write_text, decode, encode, load_song,
-                          resample, write_wav)
+from ssmgen.atomic import check_output
+from ssmgen.audio import (atomic_write_text, decode, encode, read_song_clip, resample,
+                          write_wav)
 from ssmgen.data import shift_inputs
 from ssmgen.errors import UserError
+from ssmgen.runtime import check_memory, resolve_device
+from ssmgen.validate import number
+
+#: A 16-bit WAV holds at most 4 GiB of samples (its sizes are 32-bit).
+WAV_MAX_BYTES = (1 << 32) - (1 << 16)
 
 
 @torch.no_grad()
@@ -85,25 +91,31 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
                   force: bool = False, engine: str = "auto", device: str = "cpu",
                   progress: bool = True) -> dict[str, Any]:
     """Continue `song` by `seconds` of new audio with the model in `checkpoint`; write WAV(s) and
-    JSON sidecar(s). Returns a summary with the output paths, speed and settings."""
-    from ssmgen.checkpoint import load_model
+    JSON sidecar(s). Returns a summary with the output paths, speed and settings.
+
+    Only the prompt's span of the song is kept in memory (one streaming pass also measures the
+    whole song's peak); every output is checked before any work starts (never an input, never a
+    non-regular file, an existing one only with `force`); requests larger than the machine are
+    refused before anything is allocated."""
+    from ssmgen.checkpoint import load_model, resolve
     from ssmgen.generate.sampling import Sampler
     from ssmgen.progress import progress_bar
-    from ssmgen.train import resolve_device
 
-    _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join)
+    _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join,
+                    seed)
     song = Path(song)
+    inputs = [song, resolve(checkpoint)]
+    outputs = _output_paths(song, out, num, force, inputs)
     model, ckpt = load_model(checkpoint, resolve_device(device))
     fmt = ckpt["data_format"]
     rate = int(fmt["rate"])
-    audio, gain, _ = load_song(song, fmt)
-    end = len(audio) if at is None else int(round(at * rate))
-    if end > len(audio):
-        raise UserError(f"{song}: --at {at} s is past the end of the song ({len(audio) / rate:.2f} s)")
-    start = max(0, end - int(round(prompt_seconds * rate)))
-    prompt = encode(audio[start:end] * gain, fmt["encoding"]).astype(np.int64)
-    outputs = _output_paths(song, out, num, force)
     n_new = int(round(seconds * rate))
+    n_prompt = int(round(prompt_seconds * rate))
+    _check_size(model, song, n_new, n_prompt, num, join, only_new, rate)
+    clip = read_song_clip(song, fmt, seconds=prompt_seconds, at=at)
+    start, end, gain, song_rate = clip.start, clip.end, clip.gain, clip.info.samplerate
+    prompt = encode(clip.audio * gain, fmt["encoding"]).astype(np.int64)
+    del clip
 
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
@@ -129,14 +141,15 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     for b, path in enumerate(outputs):
         cont = decode(new[b], fmt["encoding"])
         if join:
-            original, orig_rate = sf.read(str(song), dtype="float32", always_2d=True)
+            original, orig_rate = sf.read(str(song), dtype="float32", always_2d=True,
+                                          frames=int(np.ceil(end / rate * song_rate)))
             head = original[: int(round(end / rate * orig_rate))]
             tail = resample(cont / gain, rate, orig_rate)
             tail = np.repeat(tail[:, None], original.shape[1], axis=1)
-            write_wav(path, np.concatenate([head, tail]), orig_rate, overwrite=force)
+            write_wav(path, np.concatenate([head, tail]), orig_rate, replace=force, inputs=inputs)
         else:
             write_wav(path, cont if only_new else np.concatenate([prompt_audio, cont]), rate,
-                      overwrite=force)
+                      replace=force, inputs=inputs)
         sidecar = {"output": str(path), "checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
                    "song": str(song.resolve()), "prompt_start_s": start / rate,
                    "prompt_end_s": end / rate, "seconds": seconds, "temperature": temperature,
@@ -144,42 +157,64 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
                    "variation_seed": int(seeds[b]), "num": num, "engine": engine_name,
                    "only_new": only_new, "join": join, "rate": rate, "data_format": fmt,
                    "gain": gain}
-        atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2, allow_nan=False),
+                          replace=force, inputs=inputs)
         results.append(sidecar)
     return {"outputs": [str(p) for p in outputs], "engine": engine_name, "seconds_new": seconds,
             "elapsed_s": elapsed, "samples_per_s": speed, "real_time_factor": num * speed / rate,
             "prompt_seconds": (end - start) / rate, "variations": results}
 
 
+def _check_size(model, song: Path, n_new: int, n_prompt: int, num: int, join: bool,
+                only_new: bool, rate: int) -> None:
+    """Refuse, before allocating, outputs and batches larger than the machine or the WAV format."""
+    from ssmgen.audio import probe
+    from ssmgen.model import activation_bytes
+
+    info = probe(song)
+    channels, out_rate = (info.channels, info.samplerate) if join else (1, rate)
+    song_s = info.frames / info.samplerate
+    out_s = n_new / rate + (0 if only_new else song_s if join else min(n_prompt / rate, song_s))
+    wav_bytes = out_s * out_rate * channels * 2
+    if wav_bytes > WAV_MAX_BYTES:
+        raise UserError(f"--seconds {n_new / rate:g}: each output would be "
+                        f"{wav_bytes / 2**30:.1f} GiB, more than a WAV file holds (4 GiB); ask "
+                        "for less")
+    state = sum(v.numel() for v in model.initial_state(1).tensors.values()) * 4
+    need = (num * n_new  # the tokens of every variation
+            + num * state * 4  # the state and the engine's buffers per variation
+            + activation_bytes(model.cfg, num, min(n_prompt, int(song_s * rate) + 1),
+                               training=False)  # the parallel prompt read
+            + out_s * out_rate * channels * 16)  # one output at a time: float copies and bytes
+    check_memory(need, f"--seconds {n_new / rate:g} x --num {num}", "ask for fewer seconds, "
+                 "fewer variations or a shorter --prompt-seconds")
+
+
 def _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new,
-                    join) -> None:
-    if seconds <= 0:
-        raise UserError(f"--seconds {seconds}: must be positive")
-    if temperature < 0:
-        raise UserError(f"--temp {temperature}: must be >= 0")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
-    if top_k < 0 or top_k > 256:
-        raise UserError(f"--top-k {top_k}: must be in 0..256 (0: off)")
-    if num < 1:
-        raise UserError(f"--num {num}: must be at least 1")
-    if prompt_seconds < 0:
-        raise UserError(f"--prompt-seconds {prompt_seconds}: must be >= 0")
-    if at is not None and at < 0:
-        raise UserError(f"--at {at}: must be >= 0")
+                    join, seed=0) -> None:
+    number("--seconds", seconds, low=0, low_open=True, high=1e7)
+    number("--temp", temperature, low=0, high=100)
+    number("--top-p", top_p, low=0, low_open=True, high=1)
+    number("--top-k", top_k, low=0, high=256, integer=True)
+    number("--num", num, low=1, high=4096, integer=True)
+    number("--prompt-seconds", prompt_seconds, low=0, high=1e6)
+    number("--seed", seed, low=0, high=2**63 - 1, integer=True)
+    if at is not None:
+        number("--at", at, low=0, high=1e8)
     if only_new and join:
         raise UserError("--only-new and --join exclude each other")
 
 
-def _output_paths(song: Path, out: str | Path | None, num: int, force: bool) -> list[Path]:
+def _output_paths(song: Path, out: str | Path | None, num: int, force: bool,
+                  inputs: list[Path]) -> list[Path]:
+    """The WAV paths (and, beside each, its .json sidecar), all checked against the output rules
+    before any work starts."""
     base = Path(out) if out else Path(f"{song.stem}-continued.wav")
     if base.suffix.lower() != ".wav":
         raise UserError(f"{base}: the output must be a .wav file")
     paths = [base] if num == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix}")
                                      for i in range(num)]
     for p in paths:
-        if p.exists() and not force:
-            raise UserError(f"{p}: already exists (use --force to overwrite)")
-        if not p.parent.exists():
-            raise UserError(f"{p.parent}: no such folder for the output")
+        check_output(p, force=force, inputs=inputs)
+        check_output(p.with_suffix(".json"), force=force, inputs=inputs)
     return paths
