@@ -63,7 +63,8 @@ def bench_prompt(model: SaShiMi, seconds: float, repeats: int, device: torch.dev
 
 
 def bench_engine(model: SaShiMi, engine: str, batch: int, seconds: float, repeats: int,
-                 device: torch.device, run_seconds: float | None = None) -> tuple[float, float, int]:
+                 device: torch.device,
+                 run_seconds: float | None = None) -> tuple[float, float, int]:
     """(median samples/s per stream, first-call seconds, samples per timed run)."""
     eng = create_engine(engine, model, batch, device)
     with torch.no_grad():  # prompt of odd length: eager steps up to a frame boundary, as continue
