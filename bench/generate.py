@@ -17,6 +17,7 @@ still run, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -157,10 +158,13 @@ def main() -> None:
                     except Exception as e:  # one failing configuration must not hide the rest
                         failed += 1
                         row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                        rate = None
+                    if rate is None:
                         print(f"{preset:8} {name:7} {engine:10} {batch:5d} failed: {row['error']}",
                               flush=True)
                         _emit(args.jsonl, row)
-                        if device.type == "cuda":
+                        if device.type == "cuda":  # after the except block, whose traceback
+                            gc.collect()           # held the failed run's tensors
                             torch.cuda.empty_cache()
                         continue
                     row.update(samples_per_s=rate, realtime=rate / RATE,

@@ -14,6 +14,7 @@ of memory) is reported, the others still run, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -135,9 +136,12 @@ def main() -> None:
             except Exception as e:  # e.g. out of memory: reported, the next one still runs
                 failed += 1
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                r = None
+            if r is None:
                 _emit(args.jsonl, row)
                 print(f"| {preset} | {backend} | | | failed: {row['error']} | |", flush=True)
-                if args.device == "cuda":
+                if args.device == "cuda":  # out of the except block: its traceback held the
+                    gc.collect()           # failed step's tensors
                     torch.cuda.empty_cache()
                 continue
             row.update(samples_per_s=r["sps"], peak_mb=r["peak_mb"], batch=r["batch"],
