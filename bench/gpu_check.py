@@ -243,9 +243,9 @@ def report(mode: str, work: Path, out: Path) -> int:
     ok_trn = [r for r in trn if "error" not in r]
     fig = ", ".join(f"{r['preset']}/{r['backend']} {_fmt_sps(r['samples_per_s'])}/s"
                     for r in ok_trn)
-    if ok_trn:
-        r0 = ok_trn[0]
-        fig += f" ({r0['batch']} x {r0['length']}, {r0['amp']})"
+    recipes = sorted({f"{r['batch']} x {r['length']}, {r['amp']}" for r in ok_trn})
+    if recipes:
+        fig += f" ({'; '.join(recipes)})"
     bad = [r for r in trn if "error" in r]
     if bad:
         fig += "; failed: " + ", ".join(f"{r['preset']}/{r['backend']}: {r['error'][:80]}"
@@ -295,8 +295,8 @@ def _targets(gen: list[dict], trn: list[dict], q: dict) -> list[dict]:
 
     def row(what: str, value: float | None, target: float, unit: str) -> None:
         met = None if value is None or math.isnan(value) else value >= target
-        out.append({"what": what, "target": f">= {target:g}{unit}", "value": value,
-                    "met": met})
+        shown = _fmt_sps(target) if target >= 1000 else f"{target:g}"
+        out.append({"what": what, "target": f">= {shown}{unit}", "value": value, "met": met})
 
     for b in ("s4d", "s4", "mamba"):
         for batch, key, label in ((1, "realtime", "x real time"), (32, "aggregate", "x aggregate")):
