@@ -27,3 +27,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) demo build .pytest_cache
+
+# The GPU check on a GPU machine's own python3 (no .venv, no network; docs/benchmarks.md).
+# ARGS passes options, e.g. `make gpu-check ARGS=--cpu` for the dry run here.
+.PHONY: gpu-check
+gpu-check:
+	bash bench/gpu_check.sh $(ARGS)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 BACKENDS = ["s4", "s4d", "mamba"]
+# Parametrize a test over these to run it on the CPU and, marked `cuda` (conftest.py skips it
+# without a GPU), on CUDA with the same assertions.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # The suite runs as 2 pytest-xdist workers on 2 cores: one intra-op thread each. (More threads
 # than cores make every tiny op in a step wait milliseconds for a busy thread pool.)

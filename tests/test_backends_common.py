@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssmgen import backends
-from helpers import BACKENDS, perturb, require_backend, step_through
+from helpers import BACKENDS, DEVICES, perturb, require_backend, step_through
 
 H, B = 6, 2
 
@@ -40,10 +40,11 @@ def test_registry_accepts_a_plugin_and_rejects_unknown_names():
         backends.create("nope", 4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_parallel_equals_step_over_4096_samples(name):
-    layer = make(name)
-    x = torch.randn(B, 4100, H)
+def test_parallel_equals_step_over_4096_samples(name, device):
+    layer = make(name).to(device)
+    x = torch.randn(B, 4100, H).to(device)
     with torch.no_grad():
         y = layer(x)
         ys, _ = step_through(layer, x, layer.initial_state(B))
@@ -63,10 +64,11 @@ def test_final_state_equals_the_state_of_forward_with_state(name):
                 torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_prefix_handoff_and_chunks(name):
-    layer = make(name, torch.float64)
-    x = torch.randn(B, 301, H, dtype=torch.float64)
+def test_prefix_handoff_and_chunks(name, device):
+    layer = make(name, torch.float64).to(device)  # initial_state follows the layer's device
+    x = torch.randn(B, 301, H, dtype=torch.float64).to(device)
     with torch.no_grad():
         y_full = layer(x)
         y1, s1 = layer.forward_with_state(x[:, :123], layer.initial_state(B, dtype=torch.float64))

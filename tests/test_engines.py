@@ -107,7 +107,7 @@ def test_registry():
 
 # --- cuda-graph against the torch reference (where a GPU exists) ---------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=40, top_p=0.9)])
 def test_cuda_graph_matches_torch(name, sampling):

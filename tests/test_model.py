@@ -5,7 +5,7 @@ import torch
 
 from ssmgen.config import load_config
 from ssmgen.model import SaShiMi, count_parameters
-from helpers import BACKENDS, perturb, require_backend
+from helpers import BACKENDS, DEVICES, perturb, require_backend
 
 
 @pytest.mark.parametrize("preset,expected", [("ablated", 1_289_600), ("sashimi", 4_072_448)])
@@ -38,21 +38,23 @@ def step_all(model, tokens, state):
     return torch.stack(out, 1), state
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("length", [16 * 3 + 7, 16 * 4 + 2])  # > 2 periods, not multiples of 4
-def test_parallel_equals_step(name, length):
-    model = tiny(name)
-    tokens = torch.randint(0, 256, (2, length))
+def test_parallel_equals_step(name, length, device):
+    model = tiny(name).to(device)
+    tokens = torch.randint(0, 256, (2, length)).to(device)
     with torch.no_grad():
         parallel = model(tokens)
         stepped, _ = step_all(model, tokens, model.initial_state(2))
     assert (parallel - stepped).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_prompt_read_in_parallel_then_step_equals_stepping(name):
-    model = tiny(name)
-    tokens = torch.randint(0, 256, (2, 16 * 4 + 5))
+def test_prompt_read_in_parallel_then_step_equals_stepping(name, device):
+    model = tiny(name).to(device)  # initial_state follows the model's device
+    tokens = torch.randint(0, 256, (2, 16 * 4 + 5)).to(device)
     with torch.no_grad():
         ref, ref_state = step_all(model, tokens, model.initial_state(2))
         for cut in (37, 48, 3):  # odd, frame-aligned, shorter than a frame
