@@ -93,9 +93,12 @@ class LRU(SequenceBackend):
         return [self.nu_log, self.theta_log, self.gamma_log]
 
     # --- the recurrence's ingredients --------------------------------------------------------------
-    def log_lambda(self) -> tuple[Tensor, Tensor]:
-        """(log |Lambda|, arg Lambda), real (N,) each: -exp(nu_log) and exp(theta_log)."""
-        return -torch.exp(self.nu_log), torch.exp(self.theta_log)
+    def log_lambda(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(log |Lambda|, arg Lambda), real (N,) each: -exp(nu_log) and exp(theta_log), computed in
+        `dtype` (default: the parameters')."""
+        if dtype is None:
+            return -torch.exp(self.nu_log), torch.exp(self.theta_log)
+        return -torch.exp(self.nu_log.to(dtype)), torch.exp(self.theta_log.to(dtype))
 
     def maps(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The input and output maps as real (H, N) and (N, H) matrices for right-multiplication:
@@ -109,8 +112,9 @@ class LRU(SequenceBackend):
         """Lambda^(k + offset) for k in [0, L): complex (L, N) of `dtype`.
 
         Computed in float64 from the (log-magnitude, phase) form, so the phase k * theta is exact
-        even where k * theta is thousands of radians (float32 would be off by ~1e-3 rad there)."""
-        log_r, theta = (p.double() for p in self.log_lambda())
+        even where it is thousands of radians (in float32, theta's rounding alone, times k, would
+        be off by ~1e-3 rad there): the kernel is exactly the parameters' to float32 rounding."""
+        log_r, theta = self.log_lambda(torch.float64)
         k = torch.arange(offset, offset + L, device=log_r.device, dtype=torch.float64).unsqueeze(-1)
         log_mag = k * log_r
         mag = torch.where(log_mag > _LOG_FLOOR, torch.exp(log_mag), torch.zeros_like(log_mag))
