@@ -196,9 +196,11 @@ class LRU(SequenceBackend):
     def prepare_step(self) -> tuple[Tensor, ...]:
         """(Lambda_re, Lambda_im) (N,) and the four real maps of `maps()`. `step` reads these
         through the plain `step_cache()`, which `ssmgen export` freezes into graph constants."""
-        log_r, theta = self.log_lambda()
-        r = torch.exp(log_r)
-        return (r * torch.cos(theta), r * torch.sin(theta), *self.maps())
+        # Lambda from float64 and only then rounded: stepping compounds Lambda's error k times
+        # over k samples, so it should be the parameters' Lambda to half an ulp.
+        log_r, theta = self.log_lambda(torch.float64)
+        r, dtype = torch.exp(log_r), self.nu_log.dtype
+        return ((r * torch.cos(theta)).to(dtype), (r * torch.sin(theta)).to(dtype), *self.maps())
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One sample x (B, H): the complex update written in real ops (ONNX has no complex)."""
