@@ -280,3 +280,12 @@ def test_sashimi_reads_a_prompt_in_parallel_as_stepping_through_it():
     assert state.names() == ref_state.names()
     for name in state.names():
         assert (state.tensors[name] - ref_state.tensors[name]).abs().max().item() <= 1e-4, name
+
+
+def test_step_preparation_can_become_graph_constants():
+    # `ssmgen export` computes step_cache() under no_grad and traces step() with the result as
+    # constants: no entry may require grad (a view of a parameter would, even under no_grad)
+    m = make(torch.float32)
+    with torch.no_grad():
+        prepared = m.step_cache()
+    assert all(not t.requires_grad and t.is_contiguous() for t in prepared)

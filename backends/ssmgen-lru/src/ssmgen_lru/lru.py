@@ -194,13 +194,18 @@ class LRU(SequenceBackend):
         return ["re", "im"]
 
     def prepare_step(self) -> tuple[Tensor, ...]:
-        """(Lambda_re, Lambda_im) (N,) and the four real maps of `maps()`. `step` reads these
-        through the plain `step_cache()`, which `ssmgen export` freezes into graph constants."""
+        """(Lambda_re, Lambda_im) (N,) and the four real maps of `maps()`, as fresh contiguous
+        tensors. `step` reads them through the plain `step_cache()`, which `ssmgen export` freezes
+        into graph constants."""
         # Lambda from float64 and only then rounded: stepping compounds Lambda's error k times
         # over k samples, so it should be the parameters' Lambda to half an ulp.
         log_r, theta = self.log_lambda(torch.float64)
         r, dtype = torch.exp(log_r), self.nu_log.dtype
-        return ((r * torch.cos(theta)).to(dtype), (r * torch.sin(theta)).to(dtype), *self.maps())
+        # Copies, never views: a view of a parameter (C_re.t()) requires grad even when made under
+        # no_grad, and the tracer refuses such a tensor as a constant. Contiguous also suits the
+        # step's small matmuls.
+        maps = (m.clone(memory_format=torch.contiguous_format) for m in self.maps())
+        return ((r * torch.cos(theta)).to(dtype), (r * torch.sin(theta)).to(dtype), *maps)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One sample x (B, H): the complex update written in real ops (ONNX has no complex)."""
