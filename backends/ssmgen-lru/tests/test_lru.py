@@ -61,7 +61,8 @@ def test_registered_through_the_entry_point():
 
 @pytest.mark.parametrize("options,message", [
     ({"d_state": 0}, "d_state"), ({"r_min": 0.99, "r_max": 0.9}, "r_min <= r_max"),
-    ({"r_max": 1.0}, "r_max < 1"), ({"max_phase": 0.0}, "max_phase")])
+    ({"r_max": 1.0}, "r_max < 1"), ({"r_min": 0.0, "r_max": 0.0}, "r_max > 0"),
+    ({"max_phase": 0.0}, "max_phase")])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         LRU(4, **options)

@@ -46,13 +46,14 @@ class LRU(SequenceBackend):
 
     Defaults for 8-bit audio at 16 kHz. A mode with |Lambda| = r remembers for about 1 / (1 - r)
     steps. r_max 0.999 gives 1000 steps: 62 ms at the finest tier (16 kHz), 1 s at the centre tier
-    (1 kHz), beyond the crops the presets train on (2048 to 4096 samples: 128 to 256 centre steps),
-    so the longest memories can be learned but none starts longer than training can use. r_min 0.9
-    (10 steps, under a millisecond at 16 kHz) keeps the fast modes that waveform detail needs. These
-    are the paper's long-range values and close to S4D's default range here (dt in [1e-3, 0.1]
-    with Re(A) = -1/2: |dA| in [0.95, 0.9995]). max_phase pi spreads the modes' frequencies
-    uniformly from 0 to Nyquist: with a real output Re(C x), a phase in (pi, 2 pi) only repeats its
-    mirror image 2 pi - phase, so the paper's 2 pi would waste half the modes on duplicates.
+    (1 kHz). That fits within the paper recipe's crops at every tier (131072 samples: 8192 centre
+    steps); with the CPU presets' short crops (2048 to 4096 samples: 128 to 256 centre steps) the
+    slowest centre modes carry a crop's start to its end, which is what the centre tier is for.
+    r_min 0.9 (10 steps, under a millisecond at 16 kHz) keeps the fast modes that waveform detail
+    needs. The range is close to S4D's default here (dt in [1e-3, 0.1] with Re(A) = -1/2: |dA| in
+    [0.95, 0.9995]). max_phase pi spreads the modes' frequencies uniformly from 0 to Nyquist: with
+    a real output Re(C x), a phase in (pi, 2 pi) only repeats its mirror image 2 pi - phase, so
+    the paper's 2 pi would spend half the modes on duplicates.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, r_min: float = 0.9, r_max: float = 0.999,
@@ -60,8 +61,9 @@ class LRU(SequenceBackend):
         super().__init__(d_model)
         if d_state < 1:
             raise ValueError(f"d_state must be >= 1, got {d_state}")
-        if not 0.0 <= r_min <= r_max < 1.0:
-            raise ValueError(f"need 0 <= r_min <= r_max < 1, got r_min={r_min}, r_max={r_max}")
+        if not (0.0 <= r_min <= r_max < 1.0 and r_max > 0.0):  # |Lambda| = 0 would be nu = inf
+            raise ValueError(f"need 0 <= r_min <= r_max < 1 and r_max > 0, got r_min={r_min}, "
+                             f"r_max={r_max}")
         if not 0.0 < max_phase <= 2 * math.pi:
             raise ValueError(f"max_phase must be in (0, 2 pi], got {max_phase}")
         H, N = d_model, d_state
@@ -170,8 +172,8 @@ class LRU(SequenceBackend):
                                      last.imag.to(state[1].dtype).contiguous())
 
     def final_state(self, x: Tensor, state: State) -> State:
-        """Lambda^L x0 + sum_j Lambda^(L-1-j) gamma B u_j: one weighted sum over time (O(L N) per
-        batch row), no convolution and no readout."""
+        """Lambda^L x0 + sum_j Lambda^(L-1-j) gamma B u_j: the input map, then one weighted sum
+        over time; no convolution and no readout (the last layer of a prompt read)."""
         real = torch.promote_types(x.dtype, torch.float32)
         cdtype = torch.complex128 if real == torch.float64 else torch.complex64
         L = x.shape[1]
