@@ -4,9 +4,9 @@ AdamW) for presets x backends. Run by hand:
 Prints markdown rows for docs/benchmarks.md (median of --repeats timed steps after a warm-up).
 
 Without --batch / --length each preset is timed with the recipe `ssmgen train --preset P` uses
-(`load_config`, as the command line calls it: today the preset's own batch and crop length, e.g.
-1 x 131072 for ablated and sashimi), with bf16 autocast on CUDA as `ssmgen train` does
-(`train.amp`). On CPU each measurement runs in its own process, so its peak RSS is its own; on
+on the device (`load_config`, as the command line calls it: the cpu recipe's 4 x 4096 on a CPU,
+the gpu recipe's 131072-sample crops, as many as fit, on CUDA), with bf16 autocast on CUDA as
+`ssmgen train` does (`train.amp`). On CPU each measurement runs in its own process, so its peak RSS is its own; on
 CUDA they share one (peak GPU memory is reset per measurement). A failing measurement (e.g. out
 of memory) is reported, the others still run, and the exit status is 1.
 """
@@ -27,12 +27,15 @@ import torch
 import torch.nn.functional as F
 
 
-def recipe(preset: str, backend: str, batch: int | None = None, length: int | None = None):
+def recipe(preset: str, backend: str, batch: int | None = None, length: int | None = None,
+           device: str = "auto"):
     """The config `ssmgen train --preset PRESET --backend BACKEND [--batch-size] [--sample-len]`
-    trains with (cli.train builds it with load_config in the same way)."""
+    trains with on `device` (cli.train builds it with load_config in the same way: the recipe
+    follows the device)."""
     from ssmgen.config import load_config
 
-    overrides = [f"train.batch_size={batch}"] if batch else []
+    overrides = [f"train.device={device}"]
+    overrides += [f"train.batch_size={batch}"] if batch else []
     # trained at this length: S4 parameterizes its C for it (model.seq_len follows sample_len)
     overrides += [f"train.sample_len={length}"] if length else []
     return load_config(preset, backend=backend, overrides=overrides)
@@ -43,11 +46,15 @@ def one(preset: str, backend: str, batch: int | None, length: int | None, repeat
     from ssmgen.model import SaShiMi
     from ssmgen.train import make_optimizer
 
-    cfg = recipe(preset, backend, batch, length)
+    cfg = recipe(preset, backend, batch, length, device)
+    model = SaShiMi(cfg.model).to(device)
+    if cfg.train.batch_size == "auto":  # the gpu recipe: as many crops as fit, as train() does
+        from ssmgen.model import count_parameters
+        from ssmgen.train import auto_batch
+        cfg.train.batch_size = auto_batch(cfg, count_parameters(model), torch.device(device), 1)
     batch, length = cfg.train.batch_size, cfg.train.sample_len
     amp = amp or cfg.train.amp
     bf16 = device == "cuda" and amp in ("auto", "bf16")  # as ssmgen.train picks it
-    model = SaShiMi(cfg.model).to(device)
     opt = make_optimizer(model, cfg)
     x_host = torch.randint(0, 256, (batch, length))
 

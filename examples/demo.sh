@@ -1,32 +1,29 @@
 #!/usr/bin/env bash
-# `make demo`: the main job end to end on the bundled example audio, in about two minutes on a
-# laptop CPU: prepare a dataset, train the tiny preset briefly, evaluate it, then continue a song
-# that the model never heard, with the bundled pre-trained model and with the one just trained.
+# `make demo`: the main job end to end on the bundled example audio, in a few minutes on a laptop
+# CPU, with the short forms a new user types (README's first screen), in the working folder demo/:
+# prepare a dataset, train the ablated model briefly, evaluate it, continue a song it never heard,
+# with the model that ships with ssmgen and with the one just trained. Re-running it adds a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SSMGEN=".venv/bin/ssmgen"
-OUT=demo
-mkdir -p "$OUT"
+SSMGEN="$(pwd)/.venv/bin/ssmgen"
+mkdir -p demo
+cd demo
 
-echo "== 1. prepare a dataset from examples/audio"
-$SSMGEN prep examples/audio --out "$OUT/data"
+echo "== 0. before any training: continue a song with the model that ships with ssmgen"
+"$SSMGEN" continue ../examples/prompt.flac --model ablated-s4d-pieces --seconds 4 --temp 0.9 \
+  --out prompt-bundled.wav --force
 
-echo "== 2. train the tiny preset for 60 seconds"
-rm -rf "$OUT/run"  # the demo's own run folder: start fresh each time
-$SSMGEN train "$OUT/data" --preset tiny --backend s4d --max-minutes 1 --out "$OUT/run"
+echo "== 1. ssmgen prep ../examples/audio             (-> demo/data/audio)"
+"$SSMGEN" prep ../examples/audio
 
-echo "== 3. evaluate it on the test split"
-RUN="$OUT/run"
-$SSMGEN eval "$RUN" --split test
+echo "== 2. ssmgen train --preset ablated --max-minutes 1   (-> demo/runs/ablated-s4d-N)"
+"$SSMGEN" train --preset ablated --max-minutes 1
 
-echo "== 4. continue a song it never heard (examples/prompt.flac)"
-if [ -d examples/models ] && ls examples/models/*.pt >/dev/null 2>&1; then
-  MODEL=$(ls examples/models/*.pt | head -n 1)
-  $SSMGEN continue examples/prompt.flac --model "$MODEL" --seconds 4 --temp 0.9 \
-    --out "$OUT/continued-bundled.wav" --force
-fi
-$SSMGEN continue examples/prompt.flac --model "$RUN" --seconds 2 --prompt-seconds 4 \
-  --out "$OUT/continued-demo.wav" --force
+echo "== 3. ssmgen eval                               (the newest run, its test split)"
+"$SSMGEN" eval
+
+echo "== 4. ssmgen continue ../examples/prompt.flac --seconds 4 --temp 0.8"
+"$SSMGEN" continue ../examples/prompt.flac --seconds 4 --temp 0.8 --force
 
 echo
-echo "Done. Listen to $OUT/*.wav; the training page is $RUN/index.html"
+echo "Done. Listen to demo/*.wav; the training page is the newest demo/runs/*/index.html"

@@ -85,10 +85,6 @@ def test_continue_with_the_torch_engine(run, song, tmp_path):
     assert info.samplerate == 16000 and info.frames == 12000
 
 
-@pytest.mark.xfail(strict=True, reason="engines._resolve picks cpu-fast on a CPU without asking "
-                   "whether it knows the backend; cpu_fast.Packed then raises NotImplementedError "
-                   "('internal error', exit 1) for any plug-in backend instead of falling back to "
-                   "the torch engine")
 def test_continue_with_engine_auto_falls_back_to_torch(run, song, tmp_path):
     out = tmp_path / "auto.wav"
     r = ssmgen("continue", song, "--model", run, "--seconds", 0.25, "--prompt-seconds", 0.5,
@@ -97,9 +93,6 @@ def test_continue_with_engine_auto_falls_back_to_torch(run, song, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["engine"] == "torch"
 
 
-@pytest.mark.xfail(strict=True, reason="cpu-fast's refusal of an unknown backend is a "
-                   "NotImplementedError, reported as 'internal error ... a bug in ssmgen' (exit 1) "
-                   "rather than a UserError (exit 2)")
 def test_engine_cpu_fast_refuses_the_plugin_in_one_line(run, song, tmp_path):
     r = ssmgen("continue", song, "--model", run, "--seconds", 0.25, "--engine", "cpu-fast",
                "--out", tmp_path / "fast.wav", "--quiet")

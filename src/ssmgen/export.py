@@ -196,26 +196,54 @@ def _masked_tier(model, level, x, S, new, run):
 
 @contextmanager
 def frozen_step_caches(model):
-    """Compute every backend's step caches now and serve them as constants while tracing (the
-    caches' python-level staleness checks must not run on traced values)."""
+    """While tracing, serve every backend's step caches as constants: one eager frame of steps
+    (every tier runs in a frame) records what each layer's `step_cache` returned, slot by slot,
+    detached; tracing then gets those values (the caches' python-level staleness checks must not
+    run on traced values, and a cached view of a parameter must not enter the graph as a
+    parameter)."""
     from ssmgen.backends import SequenceBackend
 
-    patched = []
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, SequenceBackend):
-                continue
-            for attr in ("step_real", "step_cache"):  # step_real reads step_cache: first
-                fn = getattr(m, attr, None)
-                if callable(fn):
-                    value = fn()
-                    m.__dict__[attr] = (lambda v=value: v)
-                    patched.append((m, attr))
+    layers = [m for m in model.modules() if isinstance(m, SequenceBackend)]
+    recorded: dict[int, dict[str, Any]] = {id(m): {} for m in layers}
+
+    def recorder(m):
+        real = m.step_cache
+
+        def step_cache(prepare=None, slot="step"):
+            value = real(prepare, slot)
+            recorded[id(m)][slot] = _detached(value)
+            return value
+        return step_cache
+
+    def server(m):
+        def step_cache(prepare=None, slot="step"):
+            return recorded[id(m)][slot]
+        return step_cache
+
     try:
+        for m in layers:
+            m.__dict__["step_cache"] = recorder(m)
+        with torch.no_grad():
+            state = model.initial_state(1)
+            token = torch.full((1,), 128, dtype=torch.long)
+            for _ in range(model.frame):
+                _, state = model.step(token, state)
+        for m in layers:
+            m.__dict__["step_cache"] = server(m)
         yield
     finally:
-        for m, attr in patched:
-            m.__dict__.pop(attr, None)
+        for m in layers:
+            m.__dict__.pop("step_cache", None)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

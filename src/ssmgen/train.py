@@ -436,7 +436,7 @@ def _announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
                  "saves a checkpoint first; validation every %d steps", t.val_every)
     else:
         parts = ([f"{t.max_steps} steps"] if t.max_steps is not None else []) + \
-            ([f"{t.max_minutes:g} minutes"] if t.max_minutes is not None else [])
+            ([f"{t.max_minutes:g} min"] if t.max_minutes is not None else [])
         log.info("stops after %s (Ctrl-C saves and stops earlier)", " or ".join(parts))
 
 

@@ -34,6 +34,11 @@ class SequenceBackend(nn.Module):
     #: True when the constructor takes `l_max`, the training length at the layer's rate (the
     #: model passes it: the sample length divided by the pooling above the layer's tier).
     takes_length: bool = False
+    #: The form of this layer's step that the compiled CPU engine (cpu-fast) can pack, as a name
+    #: from `ssmgen.generate.cpu_fast.KINDS`: "s4d" (diagonal; packed from `discrete()`), "s4"
+    #: (DPLR; from `ssm()`), "mamba" (selective scan; from its projections). None: the layer runs
+    #: on the torch engine, which needs only `step`; `--engine auto` picks it with a one-line note.
+    fast_kind: str | None = None
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
@@ -79,6 +84,8 @@ class SequenceBackend(nn.Module):
     def step_cache(self, prepare: Callable[[], Any] | None = None, slot: str = "step") -> Any:
         """`prepare()` (default `prepare_step`), recomputed whenever a parameter changed since the
         last call for this `slot` (a backend may keep several derived forms, each in its slot).
+        Everything `step` derives from the parameters should come through here: ONNX export
+        freezes what `step` asked for, slot by slot, into constants of the traced graph.
 
         The key is each parameter's storage and version counter: in-place updates (optimizer
         steps, `load_state_dict`) bump the version, `.to(device)` changes the storage. Under

@@ -59,6 +59,8 @@ class Mamba(SequenceBackend):
     'compiled' (numba, CPU), 'chunked' or 'sequential' (PyTorch), or 'auto' (compiled on CPU,
     chunked elsewhere); `use_kernels=False` forces that path on CUDA too."""
 
+    fast_kind = "mamba"
+
     has_output_projection = True
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

@@ -175,6 +175,8 @@ def causal_conv(u: Tensor, k: Tensor) -> Tensor:
 class S4(ComplexModeState, SequenceBackend):
     """S4 (DPLR, HiPPO-LegS init, bilinear) with D skip; no output projection of its own."""
 
+    fast_kind = "s4"
+
     has_output_projection = False
     takes_length = True
     #: Largest FFT block of the kernel machinery (a power of two). Longer sequences are blocked.

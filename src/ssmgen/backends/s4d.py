@@ -100,6 +100,8 @@ class S4D(ComplexModeState, SequenceBackend):
     """Diagonal SSM layer with D skip. `init`: 'lin' (S4D-Lin, A_n = -1/2 + i pi n) or 'inv'
     (S4D-Inv, A_n = -1/2 + i N/pi (N/(2n+1) - 1)). dt is log-uniform in [dt_min, dt_max]."""
 
+    fast_kind = "s4d"
+
     def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", dt_min: float = 1e-3,
                  dt_max: float = 1e-1, lr: float | None = 1e-3) -> None:
         super().__init__(d_model)

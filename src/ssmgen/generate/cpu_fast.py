@@ -21,14 +21,22 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ssmgen.errors import UserError
 from ssmgen.generate import cpu_fast_kernels as K
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
 
 CHUNK = 1024
 ALIGN = 16  # floats (64 bytes)
-KINDS = {"S4D": K.S4D, "S4": K.S4, "Mamba": K.MAMBA}
-SUPPORTED = ("S4D", "S4", "Mamba")
+#: The step forms this engine packs (a backend declares its own as `fast_kind`).
+KINDS = {"s4d": K.S4D, "s4": K.S4, "mamba": K.MAMBA}
+
+
+def supports(model: SaShiMi) -> bool:
+    """Whether every sequence layer of `model` declares a step form this engine packs."""
+    from ssmgen.backends import SequenceBackend
+    return all(getattr(m, "fast_kind", None) in KINDS for m in model.modules()
+               if isinstance(m, SequenceBackend))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -59,14 +67,14 @@ def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
 
 
 def _backend_fields(f: _Flat, layer) -> list[int]:
-    kind = type(layer).__name__
-    if kind == "S4D":
+    kind = layer.fast_kind
+    if kind == "s4d":
         with torch.no_grad():  # from discrete() (dtA, dB, C), whatever layout step() uses
             dtA, dB, C = layer.discrete()
             dA = torch.exp(dtA)
         return [f.add(_np(dA.real)), f.add(_np(dA.imag)), f.add(_np(dB.real)), f.add(_np(dB.imag)),
                 f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D))]
-    if kind == "S4":
+    if kind == "s4":
         # The quantities of S4.prepare_step, from the layer's (dt, Lambda, P, B, C): the same
         # Woodbury step, in real/imaginary parts (independent of how the backend lays them out).
         with torch.no_grad():
@@ -82,7 +90,7 @@ def _backend_fields(f: _Flat, layer) -> list[int]:
         fields += [f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D)),
                    f.add(_np(Sinv)), 0, layer.rank]  # rank kept with the offsets
         return fields
-    if kind == "Mamba":
+    if kind == "mamba":
         E, R, N = layer.d_inner, layer.dt_rank, layer.d_state
         zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731
         bias = lambda lin, n: _np(lin.bias) if lin.bias is not None else zeros(n)  # noqa: E731
@@ -95,16 +103,16 @@ def _backend_fields(f: _Flat, layer) -> list[int]:
                 f.add(-np.exp(_np(layer.A_log).astype(np.float64))), f.add(_np(layer.D)),
                 f.add(_np(layer.out_proj.weight).T), f.add(bias(layer.out_proj, layer.d_model)),
                 R]  # dt_rank differs per tier (ceil(width / 16)): kept with the offsets
-    raise NotImplementedError(
-        f"cpu-fast engine: backend {kind} is not supported yet (supported: {', '.join(SUPPORTED)});"
-        " use --engine torch")
+    raise UserError(f"engine cpu-fast: backend {type(layer).__name__} declares no step form it "
+                    f"can pack (fast_kind {kind!r}; known: {', '.join(KINDS)}); use --engine "
+                    "torch")
 
 
 def _backend_ints(layer) -> dict[int, int]:
-    kind = type(layer).__name__
-    if kind in ("S4D", "S4"):
+    kind = layer.fast_kind
+    if kind in ("s4d", "s4"):
         return {K.C_N: layer.d_state // 2}
-    if kind == "Mamba":
+    if kind == "mamba":
         return {K.C_N: layer.d_state, K.C_E: layer.expand,
                 K.C_K: layer.d_conv}
     return {}
@@ -120,8 +128,8 @@ class Packed:
         T = len(cfg.pool) + 1
         widths = list(model.widths)
         first = model.center.seq[0].layer
-        kind = type(first).__name__
-        if kind not in SUPPORTED:
+        kind = getattr(first, "fast_kind", None)
+        if kind not in KINDS:
             _backend_fields(f, first)  # raises the clear error
         GO = np.zeros(8 + 4 * len(cfg.pool), np.int64)
         emb = _np(model.embedding.weight)
@@ -163,9 +171,9 @@ class Packed:
         self.widths = np.array(widths, np.int64)
         self.pool = np.array(cfg.pool, np.int64)
         tmp = 16 * wmax  # per-row scratch of the backend step
-        if kind == "S4":
+        if kind == "s4":
             tmp = max(tmp, first.d_state + 2 * first.rank + ALIGN)
-        if kind == "Mamba":
+        if kind == "mamba":
             E = first.expand * wmax
             tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN,  # dt_rank <= width
                       2 * E * first.d_state)  # T2: the step's decays and exp scratch

@@ -15,6 +15,7 @@ An engine continues a `ModelState` token by token::
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import numpy as np
@@ -23,6 +24,8 @@ import torch
 from ssmgen.errors import UserError
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
+
+log = logging.getLogger("ssmgen.generate")
 
 
 class Engine(Protocol):
@@ -52,17 +55,24 @@ def available_engines(device: str | torch.device | None = None) -> list[str]:
     return names
 
 
-def _resolve(name: str, device: torch.device) -> str:
+def _resolve(name: str, device: torch.device, model: SaShiMi) -> str:
     if name != "auto":
         return name
-    return "cpu-fast" if "cpu-fast" in available_engines(device) else "torch"
+    if "cpu-fast" not in available_engines(device):
+        return "torch"
+    from ssmgen.generate.cpu_fast import supports
+    if supports(model):
+        return "cpu-fast"
+    log.info("backend %s has no step form the cpu-fast engine packs (fast_kind): generating with "
+             "the torch engine", model.cfg.backend)
+    return "torch"
 
 
 def create_engine(name: str, model: SaShiMi, batch_size: int, device=None) -> Engine:
     """An engine by name ('auto', 'torch', 'cpu-fast', 'cuda-graph'). Raises UserError for one
-    that is unknown or unusable on `device`."""
+    that is unknown or unusable on `device` or with this model's backend."""
     dev = torch.device(device) if device is not None else model.head.weight.device
-    resolved = _resolve(name, dev)
+    resolved = _resolve(name, dev, model)
     if resolved == "torch":
         from ssmgen.generate.torch_engine import TorchEngine
         return TorchEngine(model, batch_size, dev)
