@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# ruff: pyflakes, pycodestyle (100 columns), import order, unused noqa markers (pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check src tests bench examples backends
 
 bench: install
 	$(PY) bench/prep.py

@@ -1,5 +1,6 @@
 """Backend benchmark: forward+backward samples/s at L = 131072, H = 64 (batch 1), step time per
-sample, peak memory. Run by hand: `python bench/backends.py [--backends s4 s4d mamba] [--repeats 3]`.
+sample, peak memory. Run by hand:
+`python bench/backends.py [--backends s4 s4d mamba] [--repeats 3]`.
 
 Peak memory is the process's peak RSS (CPU; run one backend per process for a clean figure) or
 torch.cuda.max_memory_allocated (GPU). Prints markdown rows for docs/benchmarks.md.

@@ -94,7 +94,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from ssmgen import export as E
-    from ssmgen.model import SaShiMi  # noqa: F401
+    from ssmgen.model import SaShiMi
 
     rate = 16000
     n_frames = int(a.seconds * rate) // 16
@@ -125,7 +125,8 @@ def main() -> int:
                 sps = n_frames * 16 / med
                 print(f"{a.preset} {backend} ({params:,} params, export {export_s:.1f} s, "
                       f"{path.stat().st_size / 1e6:.1f} MB) {label}: {sps:,.0f} samples/s, "
-                      f"{sps / rate:.3f}x real time (runs {', '.join(f'{t:.2f}' for t in times)} s)",
+                      f"{sps / rate:.3f}x real time "
+                      f"(runs {', '.join(f'{t:.2f}' for t in times)} s)",
                       flush=True)
     return 0
 

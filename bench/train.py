@@ -1,14 +1,15 @@
 """Training benchmark: samples/s and peak memory of whole training steps (forward, backward,
 AdamW) for presets x backends. Run by hand:
-`python bench/train.py [--presets ablated sashimi] [--backends s4 s4d mamba] [--batch 4 --length 4096]`.
+`python bench/train.py [--presets ablated sashimi] [--backends s4 s4d mamba]
+[--batch 4 --length 4096]`.
 Prints markdown rows for docs/benchmarks.md (median of --repeats timed steps after a warm-up).
 
 Without --batch / --length each preset is timed with the recipe `ssmgen train --preset P` uses
 on the device (`load_config`, as the command line calls it: the cpu recipe's 4 x 4096 on a CPU,
 the gpu recipe's 131072-sample crops, as many as fit, on CUDA), with bf16 autocast on CUDA as
-`ssmgen train` does (`train.amp`). On CPU each measurement runs in its own process, so its peak RSS is its own; on
-CUDA they share one (peak GPU memory is reset per measurement). A failing measurement (e.g. out
-of memory) is reported, the others still run, and the exit status is 1.
+`ssmgen train` does (`train.amp`). On CPU each measurement runs in its own process, so its peak RSS
+is its own; on CUDA they share one (peak GPU memory is reset per measurement). A failing measurement
+(e.g. out of memory) is reported, the others still run, and the exit status is 1.
 """
 
 from __future__ import annotations

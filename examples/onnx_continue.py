@@ -66,7 +66,8 @@ def gain_for(peak: float, policy: str) -> float:
 
 
 def load_mono(path: str, rate: int) -> np.ndarray:
-    """Decode, downmix (channel mean) and resample (soxr HQ, streaming) block by block, as ssmgen."""
+    """Decode, downmix (channel mean) and resample (soxr HQ, streaming) block by block, as
+    ssmgen."""
     blocks = []
     with sf.SoundFile(path) as f:
         sr = int(f.samplerate)

@@ -10,8 +10,18 @@ import soundfile as sf
 import soxr
 
 from conftest import synth
-from ssmgen.audio import (decode, encode, linear_decode, linear_encode, load_mono, mulaw_decode,
-                          mulaw_encode, normalization_gain, probe, write_wav)
+from ssmgen.audio import (
+    decode,
+    encode,
+    linear_decode,
+    linear_encode,
+    load_mono,
+    mulaw_decode,
+    mulaw_encode,
+    normalization_gain,
+    probe,
+    write_wav,
+)
 from ssmgen.errors import UserError
 
 

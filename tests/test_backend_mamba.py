@@ -9,8 +9,11 @@ import torch
 from helpers import perturb, step_through
 from ssmgen import backends
 from ssmgen.backends.mamba import HAS_KERNELS, Mamba
-from ssmgen.backends.selective_scan import (selective_scan_chunked, selective_scan_ref,
-                                            selective_scan_sequential)
+from ssmgen.backends.selective_scan import (
+    selective_scan_chunked,
+    selective_scan_ref,
+    selective_scan_sequential,
+)
 from ssmgen.backends.selective_scan_cpu import selective_scan_compiled
 
 FAST = [selective_scan_chunked, selective_scan_sequential, selective_scan_compiled]

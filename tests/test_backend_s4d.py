@@ -3,10 +3,14 @@
 import pytest
 import torch
 
-from ssmgen.backends.s4d import (S4D, causal_conv, vandermonde, vandermonde_naive,
-                                 vandermonde_transposed)
 from helpers import perturb
-
+from ssmgen.backends.s4d import (
+    S4D,
+    causal_conv,
+    vandermonde,
+    vandermonde_naive,
+    vandermonde_transposed,
+)
 
 
 @pytest.fixture(autouse=True)

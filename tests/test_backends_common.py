@@ -7,8 +7,8 @@ tests/test_backend_<name>.py; this file checks the shared contract of base.Seque
 import pytest
 import torch
 
-from ssmgen import backends
 from helpers import BACKENDS, DEVICES, perturb, require_backend, step_through
+from ssmgen import backends
 
 H, B = 6, 2
 

@@ -8,10 +8,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from helpers import BACKENDS, make_checkpoint, ssmgen, write_tone
 from ssmgen.checkpoint import load_model
 from ssmgen.data import shift_inputs
 from ssmgen.generate.continuation import continue_song, read_prompt
-from helpers import BACKENDS, make_checkpoint, ssmgen, write_tone
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_continue_writes_prompt_plus_new_audio_and_a_sidecar(ckpt, song, tmp_pat
     audio, rate = sf.read(out)
     assert rate == 16000 and audio.ndim == 1 and len(audio) == 8000 + 4000
     side = json.loads(out.with_suffix(".json").read_text())
-    assert side["prompt_start_s"] == pytest.approx(1.0) and side["prompt_end_s"] == pytest.approx(1.5)
+    assert (side["prompt_start_s"] == pytest.approx(1.0) and
+            side["prompt_end_s"] == pytest.approx(1.5))
     assert side["seconds"] == 0.25 and side["seed"] == 0 and side["checkpoint"].endswith("model.pt")
     # an existing output is never overwritten without --force
     r = ssmgen("continue", song, "--model", ckpt, "--seconds", 0.1, "--out", out, "--quiet")

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import BACKENDS, make_checkpoint, perturb, require_backend, write_tone
 from ssmgen.config import load_config
 from ssmgen.model import SaShiMi
 from ssmgen.train import make_optimizer
-from helpers import BACKENDS, make_checkpoint, perturb, require_backend, write_tone
 
 pytestmark = pytest.mark.cuda
 

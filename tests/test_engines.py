@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import BACKENDS, perturb, require_backend
 from ssmgen.config import load_config
 from ssmgen.errors import UserError
 from ssmgen.generate import Sampler, available_engines, create_engine
 from ssmgen.generate.cpu_fast_kernels import select_token
 from ssmgen.generate.sampling import allowed_mask_torch, select_torch
 from ssmgen.model import SaShiMi
-from helpers import BACKENDS, perturb, require_backend
 
 B = 2
 
@@ -87,7 +87,8 @@ def test_torch_engine_step_matches_forward_teacher_forced():
     toks, final, logits = run("torch", model, model.initial_state(B), first, n,
                               Sampler(seed=0, batch_size=B))
     assert toks.dtype == np.uint8 and toks.shape == (B, n) and final.t == n
-    inputs = torch.cat([torch.as_tensor(first)[:, None], torch.as_tensor(toks[:, :-1].astype(np.int64))], 1)
+    inputs = torch.cat([torch.as_tensor(first)[:, None],
+                        torch.as_tensor(toks[:, :-1].astype(np.int64))], 1)
     with torch.no_grad():
         ref = model(inputs).numpy()
     assert np.abs(ref.transpose(1, 0, 2) - logits).max() <= 1e-4

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from helpers import BACKENDS, make_checkpoint, perturb, ssmgen, write_tone
 from ssmgen.checkpoint import load_model
 from ssmgen.errors import UserError
-from helpers import BACKENDS, make_checkpoint, perturb, ssmgen, write_tone
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

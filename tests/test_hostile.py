@@ -64,7 +64,7 @@ def song(tmp_path):
     return write_tone(tmp_path / "song.wav", seconds=1.0, rate=16000, channels=1)
 
 
-# --- 1. a full disk during prep is ours, never the user's file --------------------------------------
+# --- 1. a full disk during prep is ours, never the user's file ------------------------------------
 
 def test_disk_full_during_prep_stops_and_keeps_the_old_dataset(tmp_path):
     src = tmp_path / "audio"
@@ -144,7 +144,7 @@ def test_train_refuses_a_folder_of_the_users_own_files(tmp_path, data):
                    "a run already lives here", "--resume")
 
 
-# --- 4. re-running prep keeps the user's own files in the dataset folder ---------------------------
+# --- 4. re-running prep keeps the user's own files in the dataset folder --------------------------
 
 def test_prep_rerun_carries_the_users_files(tmp_path):
     src = tmp_path / "audio"
@@ -409,3 +409,25 @@ def test_stale_temporaries_are_cleaned_and_failed_starts_leave_no_run(tmp_path, 
                "--max-steps", 1, "-q", cwd=ws)
     one_line_error(r, "no training file is as long")
     assert not (ws / "runs").exists() or not any((ws / "runs").iterdir())
+
+
+def test_file_names_that_are_not_utf8(tmp_path, ckpt):
+    """Linux file names are bytes: one that is not UTF-8 is read, written beside and shown as
+    \\xNN, never a crash (soundfile is given the name's bytes; messages escape them)."""
+    name = os.fsdecode(b"\xff\xfesong.wav")
+    src = tmp_path / "audio"
+    src.mkdir()
+    for i in range(3):
+        write_tone(src / f"t{i}.wav", seconds=1.5, rate=16000, channels=1, freq=250 + 60 * i)
+    os.rename(write_tone(src / "odd.wav", seconds=1.5, rate=16000, channels=1, freq=500),
+              src / name)
+    r = ssmgen("prep", src, "--out", tmp_path / "ds", "-q")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text(encoding="utf-8"))
+    assert name in [f["path"] for f in m["files"]]
+    r = ssmgen("continue", src / name, "--model", ckpt, "--seconds", 0.1, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote \\xff\\xfesong-continued.wav" in r.stdout
+    assert (tmp_path / os.fsdecode(b"\xff\xfesong-continued.wav")).is_file()
+    r = ssmgen("continue", src / name, "--model", ckpt, "--seconds", 0.1, cwd=tmp_path)
+    one_line_error(r, "\\xff\\xfesong-continued.wav", "already exists")

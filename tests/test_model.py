@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from helpers import BACKENDS, DEVICES, perturb, require_backend
 from ssmgen.config import load_config
 from ssmgen.model import SaShiMi, count_parameters
-from helpers import BACKENDS, DEVICES, perturb, require_backend
 
 
 @pytest.mark.parametrize("preset,expected", [("ablated", 1_289_600), ("sashimi", 4_072_448)])

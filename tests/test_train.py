@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_dataset, ssmgen
 from ssmgen.checkpoint import load_checkpoint
 from ssmgen.config import load_config
 from ssmgen.train import TrainingDiverged, train
-from helpers import make_dataset, ssmgen
 
 FAST = ["--preset", "tiny", "--backend", "s4d", "--batch-size", "2", "--sample-len", "1024",
         "--set", "train.val_max_samples=4096", "--set", "train.sample_seconds=0", "--quiet"]
@@ -38,7 +38,8 @@ def test_train_writes_checkpoints_metrics_and_eval_reads_them(data, tmp_path):
     assert r.returncode == 0, r.stderr
     ckpt = weights(run)
     assert ckpt["step"] == 20 and ckpt["data_format"]["encoding"] == "mulaw"
-    assert ckpt["config"]["model"]["backend"] == "s4d" and (run / "checkpoints" / "best.pt").exists()
+    assert (ckpt["config"]["model"]["backend"] == "s4d" and
+            (run / "checkpoints" / "best.pt").exists())
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [10, 20]
     assert float(rows[-1]["val_bpb"]) < 8.0  # learned something beyond uniform

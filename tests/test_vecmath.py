@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
 from numba import njit
 
-from ssmgen.vecmath import (MIN_FLOOR, exp_floored as shared_exp_floored, log1p_unit, silu,
-                             softplus)
+from ssmgen.vecmath import MIN_FLOOR, log1p_unit, silu, softplus
+from ssmgen.vecmath import exp_floored as shared_exp_floored
 
 # numba compiles a callee with its caller's fastmath flags and keeps that overload for every later
 # call with the same types: once a fastmath kernel (cpu-fast) has called the shared dispatcher,

@@ -26,7 +26,8 @@ def test_the_three_commands_verbatim_in_an_empty_folder(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):  # mono and stereo, two rates, a nested folder, one broken file
         write_tone(ws / "my_audio" / ("live" if i % 2 else "") / f"take{i}.wav", seconds=3.0,
-                   rate=(16000, 44100)[i % 2], channels=1 + i % 2, freq=float(rng.integers(150, 600)))
+                   rate=(16000, 44100)[i % 2], channels=1 + i % 2,
+                   freq=float(rng.integers(150, 600)))
     (ws / "my_audio" / "broken.wav").write_bytes(b"RIFF....WAVEfmt ")
     write_tone(ws / "song.wav", seconds=2.0, rate=22050, channels=2, freq=330)
 

@@ -124,7 +124,7 @@ def probe(path: str | os.PathLike) -> AudioInfo:
             raise UserError(f"{path}: empty file")
         if not os.access(path, os.R_OK):
             raise UserError(f"{path}: no permission to read it")
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))  # bytes: a name that is not UTF-8 opens too
     except UserError:
         raise
     except FileNotFoundError:
@@ -132,7 +132,8 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise UserError(f"{path}: not audio that libsndfile can read ({_one_line(e)})") from None
     if info.samplerate <= 0 or info.channels <= 0:
-        raise UserError(f"{path}: invalid header (rate {info.samplerate}, {info.channels} channels)")
+        raise UserError(f"{path}: invalid header (rate {info.samplerate}, "
+                        f"{info.channels} channels)")
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames),
                      str(info.format), str(info.subtype))
 
@@ -149,7 +150,7 @@ def iter_mono_blocks(path: str | os.PathLike, rate: int | None = None,
     path = Path(path)
     done = 0
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:
             sr = int(f.samplerate)
             resampler = soxr.ResampleStream(sr, rate, 1, dtype="float32", quality="HQ") \
                 if rate and rate != sr else None

@@ -18,6 +18,7 @@ import torch
 
 from ssmgen.atomic import write_bytes
 from ssmgen.errors import UserError
+from ssmgen.runtime import check_memory
 from ssmgen.validate import bounded_size, plain_children
 
 FORMAT = "ssmgen-checkpoint"
@@ -33,7 +34,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file from a checkpoint path or a run folder (its best, else last, checkpoint)."""
+    """A checkpoint file from a checkpoint path or a run folder (its best, else last,
+    checkpoint)."""
     p = Path(path)
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -74,6 +76,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     p = resolve(path)
     if not p.is_file():
         raise UserError(f"{p}: not a checkpoint file")
+    check_memory(2 * p.stat().st_size, f"{p}: loading this {p.stat().st_size / 2**30:.1f} GiB file",
+                 "it is larger than this machine can hold")
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, foreign pickle: all one line for the user

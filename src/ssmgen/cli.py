@@ -25,7 +25,8 @@ from ssmgen.errors import UserError
 from ssmgen.validate import one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Train a raw-waveform SaShiMi model on your own audio and continue any song.")
+                  help="Train a raw-waveform SaShiMi model on your own audio and continue "
+                       "any song.")
 out = Console(width=None if sys.stdout.isatty() else 200)  # files and pipes get whole lines
 err = Console(stderr=True)
 
@@ -163,8 +164,9 @@ def _print_prep_summary(manifest: dict, out_dir: Path) -> None:
     table.add_column("silence", justify="right")
     table.add_column("clipped", justify="right")
     for name, s in manifest["splits"].items():
-        table.add_row(name, str(s["files"]), f"{s['hours']:.3f}", _fmt(s.get("rms_dbfs"), "{:.1f}"),
-                      _fmt(s.get("silence_share"), "{:.1%}"), _fmt(s.get("clipped_share"), "{:.3%}"))
+        table.add_row(name, str(s["files"]), f"{s['hours']:.3f}",
+                      _fmt(s.get("rms_dbfs"), "{:.1f}"), _fmt(s.get("silence_share"), "{:.1%}"),
+                      _fmt(s.get("clipped_share"), "{:.3%}"))
     out.print(table)
     skipped = manifest.get("skipped", [])
     reasons: dict[str, int] = {}
@@ -381,7 +383,8 @@ def continue_(
     for p in r["outputs"]:
         out.print(f"wrote {one_line(p)} (+ {one_line(Path(p).with_suffix('.json').name)})",
                   highlight=False)
-    out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in {r['elapsed_s']:.1f} s "
+    out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in "
+              f"{r['elapsed_s']:.1f} s "
               f"including the prompt read and any first-run compile; generation ran at "
               f"{r['real_time_factor']:.2f}x real time (engine {r['engine']})", highlight=False)
 

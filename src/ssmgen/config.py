@@ -329,8 +329,10 @@ def read_preset(name_or_path: str) -> tuple[dict, str]:
         return _read_yaml(_shipped("presets", "base"), "preset base"), "base"
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path}: no such preset file")
+        if not path.is_file():
+            raise UserError(f"{path}: not a regular file; a preset is a YAML file")
         return _read_yaml(_read_text(path), str(path)), str(path)
     own = USER_PRESETS / f"{name_or_path}.yaml"
     if own.is_file():

@@ -49,7 +49,8 @@ def report() -> dict[str, str]:
     from ssmgen.workspace import BUNDLED_DEFAULT, bundled_models
     models = bundled_models()
     rows["bundled models"] = ", ".join(
-        f"{name} ({path.stat().st_size / 1e6:.1f} MB{', the default' if name == BUNDLED_DEFAULT else ''})"
+        f"{name} ({path.stat().st_size / 1e6:.1f} MB"
+        f"{', the default' if name == BUNDLED_DEFAULT else ''})"
         for name, path in sorted(models.items())) or "none"
     rows["onnx extra"] = f"onnx {_version('onnx')}, onnxruntime {_version('onnxruntime')}"
     rows["cuda extra"] = (f"mamba_ssm {_version('mamba_ssm')}, "

@@ -5,14 +5,15 @@ Tiers run at rates L, L/4, L/16 (pool [4, 4]) with 64, 128, 256 channels (expand
 only pools (DownPool: 4 steps reshaped into channels, then a linear map); all residual pairs
 (sequence block + feed-forward block) sit in the centre tier and in each up tier. UpPool is a linear
 map, a shift right by one coarse step (which keeps the model causal), and a reshape back. Each
-DownPool input is added to the matching UpPool output, and each tier's stack has a residual around it.
+DownPool input is added to the matching UpPool output, and each tier's stack has a residual around
+it.
 
 Three modes, as for a backend:
 - ``model(tokens) -> logits``: parallel (training, evaluation);
 - ``model.initial_state(batch)``, ``model.step(token, state) -> (logits, state)``: one sample;
-- ``model.forward_with_state(tokens, state) -> (logits, state)``: parallel over a chunk from a state,
-  returning the state after it (every layer's state and every pool's buffer), computed in parallel.
-  This is how a prompt is read.
+- ``model.forward_with_state(tokens, state) -> (logits, state)``: parallel over a chunk from a
+  state, returning the state after it (every layer's state and every pool's buffer), computed in
+  parallel. This is how a prompt is read.
 
 Within a frame of 16 samples the schedule is fixed: the tier at rate L/P runs on the step t with
 (t + 1) % P == 0, which is why the fast engines work in blocks of 16.
@@ -182,7 +183,8 @@ class SaShiMi(nn.Module):
         widths = [cfg.d_model * cfg.expand ** i for i in range(len(cfg.pool) + 1)]
         self.widths = widths
         self.embedding = nn.Embedding(cfg.n_tokens, cfg.d_model)
-        self.down = nn.ModuleList(DownPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
+        self.down = nn.ModuleList(DownPool(widths[i], p, cfg.expand)
+                                  for i, p in enumerate(cfg.pool))
         # Training length at each tier's rate (for backends that take it, see SequenceBackend).
         lengths = [None] * len(widths)
         if cfg.seq_len is not None:
@@ -208,7 +210,7 @@ class SaShiMi(nn.Module):
     def _tier(self, level: int) -> Tier:
         return self.center if level == len(self.cfg.pool) else self.tiers[level]
 
-    # --- parallel -----------------------------------------------------------------------------------
+    # --- parallel ---------------------------------------------------------------------------------
     def forward(self, tokens: Tensor) -> Tensor:
         logits, _ = self._parallel(tokens, None)
         return logits
@@ -273,7 +275,7 @@ class SaShiMi(nn.Module):
                 new[f"{prefix}.{n}"] = t
         return y
 
-    # --- recurrent ----------------------------------------------------------------------------------
+    # --- recurrent --------------------------------------------------------------------------------
     def _layer_names(self, level: int) -> list[tuple[str, list[str]]]:
         tag = "center" if level == len(self.cfg.pool) else f"tier{level}"
         return [(f"{tag}.{j}", seq.layer.state_names())
@@ -302,7 +304,8 @@ class SaShiMi(nn.Module):
                 for n, s in zip(names, seq.layer.initial_state(batch_size, device, dtype)):
                     t[f"{prefix}.{n}"] = s
         for i, pool in enumerate(self.cfg.pool):
-            t[f"down{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device, dtype=dtype)
+            t[f"down{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device,
+                                        dtype=dtype)
             t[f"up{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device, dtype=dtype)
         return ModelState(0, self._ordered(t))
 

@@ -27,21 +27,35 @@ from pathlib import Path
 import numpy as np
 
 from ssmgen import __version__
-from ssmgen.audio import ENCODINGS, NORMALIZATIONS, decode
-from ssmgen.prep_files import (MIN_TRAIN_MINUTES, SILENCE_DBFS, SILENCE_FRAME_S, SILENT_PEAK,
-                               SPLITS, BuildWriteError, OwnFile, assign_splits, by_time_segments,
-                               dbfs, decode_file, find_candidates, hash_file, read_tokens,
-                               skip_entry as _skip)
 from ssmgen.atomic import WRITE_ERRNOS, pid_alive, remove_stale_temps
+from ssmgen.audio import ENCODINGS, NORMALIZATIONS, decode
 from ssmgen.data import FORMAT, FORMAT_VERSION, is_dataset
 from ssmgen.errors import UserError
+from ssmgen.prep_files import (
+    MIN_TRAIN_MINUTES,
+    SILENCE_DBFS,
+    SILENCE_FRAME_S,
+    SILENT_PEAK,
+    SPLITS,
+    BuildWriteError,
+    OwnFile,
+    assign_splits,
+    by_time_segments,
+    dbfs,
+    decode_file,
+    find_candidates,
+    hash_file,
+    read_tokens,
+)
+from ssmgen.prep_files import skip_entry as _skip
 from ssmgen.progress import progress_bar
 from ssmgen.validate import number
 
 log = logging.getLogger("ssmgen.prep")
 
 BY_TIME_MAX_FILES = 2  # with this few usable files, each file is split by time instead
-REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated", "not finite")  # same bytes, same verdict
+REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated",
+                  "not finite")  # same bytes, same verdict
 _MARKER = ".ssmgen-build"  # marks a build folder as ours, so a stale one may be removed
 
 __all__ = ["prepare", "FORMAT", "FORMAT_VERSION", "SILENT_PEAK"]
@@ -418,7 +432,9 @@ def _build(src: Path, build: Path, settings: dict, old: _OldDataset | None, seed
     for f in files:
         f.pop("reused", None)
     with OwnFile(build / "manifest.json") as fh:  # the whole build folder is renamed into place
-        fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+        # a file name that is not UTF-8 holds lone surrogates: written as JSON's \uXXXX escapes
+        fh.write(json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8",
+                                                                            "backslashreplace"))
     return manifest
 
 

@@ -167,7 +167,7 @@ def _promised_frames(path: str, info) -> int:
     """Frames the header promises. libsndfile quietly shortens WAV/AIFF files whose data chunk
     claims more bytes than the file holds; its log line 'data : N (should be M)' tells."""
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:
             log_text = f.extra_info
     except (sf.LibsndfileError, RuntimeError, OSError):
         return info.frames

@@ -11,8 +11,17 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
-                           Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -42,7 +51,8 @@ _stderr = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(enabled: bool = True, extra: str = "", endless: bool = False) -> Iterator[Progress]:
+def progress_bar(enabled: bool = True, extra: str = "",
+                 endless: bool = False) -> Iterator[Progress]:
     """A rich Progress with description, bar, count, rate (and real-time factor), elapsed and ETA.
     `extra` is a format string over task fields (e.g. "loss {task.fields[loss]:.3f}").
     `endless`: work with no known end (training until Ctrl-C): a pulsing bar, the rate and the

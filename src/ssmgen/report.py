@@ -31,7 +31,8 @@ def write_listening_sample(run: Path, model, dataset, cfg, step: int, device) ->
         # a few seconds of audio: the CPU's compiled engine beats eager GPU steps by far
         model = copy.deepcopy(model).cpu()
     new = continue_tokens(model, prompt, n_new, temperature=1.0, seed=0, engine="auto")
-    audio = decode(np.concatenate([prompt[0], new[0]]).astype(np.uint8), dataset.data_format()["encoding"])
+    audio = decode(np.concatenate([prompt[0], new[0]]).astype(np.uint8),
+                   dataset.data_format()["encoding"])
     path = run / "samples" / f"step_{step:07d}.wav"
     write_wav(path, audio, rate)
     return path
@@ -55,7 +56,8 @@ def _polyline(points: list[tuple[float, float]], box: tuple[float, float, float,
 
 
 def _chart(rows: list[dict]) -> str:
-    series = {"train bpb": [(float(r["step"]), float(r["train_bpb"])) for r in rows if r["train_bpb"]],
+    series = {"train bpb": [(float(r["step"]), float(r["train_bpb"])) for r in rows
+                            if r["train_bpb"]],
               "val bpb": [(float(r["step"]), float(r["val_bpb"])) for r in rows if r["val_bpb"]]}
     pts = [p for s in series.values() for p in s]
     if not pts:

@@ -57,7 +57,8 @@ class Schedule:
 
     def __init__(self, cfg: Config) -> None:
         t = cfg.train
-        self.kind, self.warmup, self.min_lr, self.base_lr = t.schedule, t.warmup_steps, t.min_lr, t.lr
+        self.kind, self.warmup, self.min_lr, self.base_lr = (t.schedule, t.warmup_steps,
+                                                             t.min_lr, t.lr)
         self.total = t.max_steps
         self.factor, self.patience = t.plateau_factor, t.plateau_patience
         self.scale, self.best, self.bad = 1.0, math.inf, 0
@@ -223,7 +224,8 @@ class Trainer:
         self.dataset = Dataset(data)
         self.data = Path(data)
         if self.state is not None and self.dataset.data_format() != self.state["data_format"]:
-            raise UserError(f"{data}: its format {self.dataset.data_format()} differs from the run's "
+            raise UserError(f"{data}: its format "
+                            f"{self.dataset.data_format()} differs from the run's "
                             f"{self.state['data_format']}; resume on the run's own dataset "
                             f"({self.state.get('dataset') or 'recorded in its checkpoint'})")
         self.device = resolve_device(cfg.train.device)
@@ -468,7 +470,7 @@ def _sync_schedule(schedule: Schedule) -> None:
 
 def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device) -> None:
     """A short continuation of a fixed validation prompt, and the refreshed listening page."""
-    from ssmgen.report import write_listening_sample, write_index
+    from ssmgen.report import write_index, write_listening_sample
     if cfg.train.sample_seconds > 0:  # 0 turns listening samples off
         try:
             write_listening_sample(run, model, dataset, cfg, step, device)
@@ -486,7 +488,8 @@ def _append_metrics(path: Path, step, seconds, optimizer, loss, rate, val) -> No
         v = val or {}
         w.writerow([step, f"{seconds:.1f}", f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss:.5f}",
                     f"{loss / math.log(2):.5f}", f"{rate:.0f}"] +
-                   [f"{v[k]:.5f}" if k in v else "" for k in ("bpb", "acc1", "acc3", "acc5", "acc10")])
+                   [f"{v[k]:.5f}" if k in v else ""
+                    for k in ("bpb", "acc1", "acc3", "acc5", "acc10")])
         f.flush()
         os.fsync(f.fileno())
 

@@ -95,5 +95,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 13: "\\r", 9: "\\
 
 def one_line(text: str) -> str:
     """`text` with control characters escaped (a file name holding a newline must not split a
-    message into two lines)."""
-    return str(text).translate(_CONTROL)
+    message into two lines) and the bytes of a file name that is not UTF-8 shown as \\xNN (they
+    arrive as lone surrogates, which no terminal can print)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROL)

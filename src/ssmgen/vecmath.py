@@ -18,8 +18,10 @@ from numba import njit
 # that k ln 2 is exact), exp(r) = 1 + r + r^2 p(r) on |r| <= ln 2 / 2.
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
-_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_P0, _P1, _P2 = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3),
+                 np.float32(8.3334519073e-3))
+_P3, _P4, _P5 = (np.float32(4.1665795894e-2), np.float32(1.6666665459e-1),
+                 np.float32(5.0000001201e-1))
 
 #: The lowest floor `exp_floored` accepts: exp(-86) ~ 4e-38 is still a normal float32.
 MIN_FLOOR = -86.0
@@ -32,8 +34,8 @@ def exp_floored(X, n, floor, scratch):
     float32: Cephes expf, within 1 ulp of exp for X in [floor, 0] (values above 0 are not expected:
     these are decays), 0.8 ns per value against libm's 4-6 ns. Called from a fastmath kernel,
     numba compiles it with the caller's flags: reassociation merges the two-part ln 2 of the range
-    reduction, which costs up to 4 ulps at the bottom of the range. `scratch`: int32, at least n long,
-    for the powers of two (built in the exponent bits; a separate array, because writing the
+    reduction, which costs up to 4 ulps at the bottom of the range. `scratch`: int32, at least n
+    long, for the powers of two (built in the exponent bits; a separate array, because writing the
     bits through an int view of X itself kept LLVM from vectorizing). float64 (the exact
     reference path of the tests): libm, scratch unused."""
     if X.itemsize == 4:

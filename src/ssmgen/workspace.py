@@ -85,7 +85,11 @@ def new_run(preset: str, backend: str) -> Path:
     pattern = re.compile(rf"^{re.escape(stem)}-(\d+)$")
     taken = [int(m[1]) for p in RUNS.glob(f"{stem}-*") if (m := pattern.match(p.name))]
     n = max(taken, default=0) + 1
-    RUNS.mkdir(parents=True, exist_ok=True)
+    try:
+        RUNS.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{RUNS}: cannot hold runs ({e.strerror or e}); pass --out RUN_FOLDER") \
+            from None
     while True:
         run = RUNS / f"{stem}-{n}"
         try:

@@ -49,7 +49,7 @@ def as_complex(state) -> torch.Tensor:
     return torch.complex(*state)
 
 
-# --- registration and options -----------------------------------------------------------------------
+# --- registration and options ---------------------------------------------------------------------
 
 def test_registered_through_the_entry_point():
     eps = {ep.name: ep for ep in entry_points(group="ssmgen.backends")}
@@ -73,7 +73,7 @@ def test_unknown_option_is_a_user_error():
         backends.create("lru", 4, dt_min=0.1)
 
 
-# --- initialization ---------------------------------------------------------------------------------
+# --- initialization -------------------------------------------------------------------------------
 
 def test_ring_initialization_and_normalization():
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_a_white_input_keeps_unit_variance_in_every_mode():
     torch.testing.assert_close(var, torch.ones_like(var), rtol=0.1, atol=0)
 
 
-# --- the three modes beside the reference -----------------------------------------------------------
+# --- the three modes beside the reference ---------------------------------------------------------
 
 @pytest.mark.parametrize("L", [1, 2, 37, 300, 1000])
 def test_parallel_matches_the_reference(L):
@@ -210,7 +210,7 @@ def test_gradcheck_of_the_state_handoff():
     assert torch.autograd.gradcheck(run, (u, sr, si))
 
 
-# --- the backend contract -------------------------------------------------------------------------------
+# --- the backend contract -------------------------------------------------------------------------
 
 def test_chunks_handoff_and_state_after_a_chunk_equals_the_stepped_state():
     m = make()
@@ -262,7 +262,7 @@ def test_state_is_real_float_tensors():
     assert all(s.dtype == torch.float32 and s.shape == (3, N) for s in state)
 
 
-# --- inside the SaShiMi model, through ssmgen's public API ------------------------------------------
+# --- inside the SaShiMi model, through ssmgen's public API ----------------------------------------
 
 def test_sashimi_reads_a_prompt_in_parallel_as_stepping_through_it():
     from ssmgen.config import load_config

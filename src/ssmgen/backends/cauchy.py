@@ -113,7 +113,7 @@ def _split(z: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 class _CompiledCauchy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, c):  # noqa: D102 - autograd plumbing
+    def forward(ctx, a, b, c):
         H, T = a.shape
         J = c.shape[1]
         real = a.real.dtype
@@ -123,7 +123,7 @@ class _CompiledCauchy(torch.autograd.Function):
         return torch.complex(sr, si)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: D102
+    def backward(ctx, g):
         a, b, c = ctx.saved_tensors
         H = a.shape[0]
         groups = min(GROUPS, H)

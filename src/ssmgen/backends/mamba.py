@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen.backends.base import SequenceBackend, State
-from ssmgen.backends.selective_scan import (decay_exp, selective_scan_chunked,
-                                            selective_scan_sequential)
+from ssmgen.backends.selective_scan import (
+    decay_exp,
+    selective_scan_chunked,
+    selective_scan_sequential,
+)
 from ssmgen.backends.selective_scan_cpu import HAS_NUMBA, selective_scan_compiled
 
 try:  # optional CUDA kernels (pip install ssmgen[cuda])

@@ -48,7 +48,6 @@ from torch import Tensor, nn
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 from ssmgen.backends.cauchy import cauchy
 
-
 # ------------------------------------------------------------------------------------------------
 # Initialization
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 
-
 # ------------------------------------------------------------------------------------------------
 # Vandermonde products (shared with other diagonal layers)
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +128,8 @@ class S4D(ComplexModeState, SequenceBackend):
 
     # --- discretization ---------------------------------------------------------------------------
     def discrete(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(dtA, dB, C) as complex tensors (H, N/2): log of the transition, input map, output map."""
+        """(dtA, dB, C) as complex tensors (H, N/2): log of the transition, input map, output
+        map."""
         A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         dtA = A * torch.exp(self.log_dt).unsqueeze(-1)
         dB = torch.expm1(dtA) / A
@@ -144,7 +144,7 @@ class S4D(ComplexModeState, SequenceBackend):
         dtA, dB, C = self.discrete()
         return torch.exp(dtA), dB, C
 
-    # --- modes --------------------------------------------------------------------------------------
+    # --- modes ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         u = x.transpose(1, 2)  # (B, H, L)
         y = causal_conv(u, self.cached_kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u

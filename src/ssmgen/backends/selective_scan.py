@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 #: exp(x) for x below this is flushed to exactly 0 (error < 1e-26 relative): keeps float32
 #: subnormals, which are 10-100x slower on x86, out of the decays and everything they multiply.
 EXP_FLOOR = -60.0

@@ -162,7 +162,7 @@ def _np(t: Tensor) -> np.ndarray:
 
 class _CompiledScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, chunk):  # noqa: D102 - autograd plumbing
+    def forward(ctx, u, delta, A, B, C, h0, chunk):
         nb, nd, L = u.shape
         N = A.shape[1]
         K = -(-L // chunk)
@@ -178,7 +178,7 @@ class _CompiledScan(torch.autograd.Function):
         return y, hlast
 
     @staticmethod
-    def backward(ctx, dy, dhlast):  # noqa: D102
+    def backward(ctx, dy, dhlast):
         u, delta, A, Bl, Cl, hkeep = ctx.saved_tensors
         nb, nd, L = u.shape
         N = A.shape[1]

@@ -9,6 +9,7 @@ in one parallel pass (`model.forward_with_state`), and continued sample by sampl
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,7 @@ import soundfile as sf
 import torch
 
 from ssmgen.atomic import check_output
-from ssmgen.audio import (atomic_write_text, decode, encode, read_song_clip, resample,
-                          write_wav)
+from ssmgen.audio import atomic_write_text, decode, encode, read_song_clip, resample, write_wav
 from ssmgen.data import shift_inputs
 from ssmgen.errors import UserError
 from ssmgen.runtime import check_memory, resolve_device
@@ -141,7 +141,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     for b, path in enumerate(outputs):
         cont = decode(new[b], fmt["encoding"])
         if join:
-            original, orig_rate = sf.read(str(song), dtype="float32", always_2d=True,
+            original, orig_rate = sf.read(os.fsencode(song), dtype="float32", always_2d=True,
                                           frames=int(np.ceil(end / rate * song_rate)))
             head = original[: int(round(end / rate * orig_rate))]
             tail = resample(cont / gain, rate, orig_rate)
@@ -150,7 +150,8 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
         else:
             write_wav(path, cont if only_new else np.concatenate([prompt_audio, cont]), rate,
                       replace=force, inputs=inputs)
-        sidecar = {"output": str(path), "checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
+        sidecar = {"output": str(path), "checkpoint": ckpt["path"],
+                   "step": int(ckpt.get("step", 0)),
                    "song": str(song.resolve()), "prompt_start_s": start / rate,
                    "prompt_end_s": end / rate, "seconds": seconds, "temperature": temperature,
                    "top_k": top_k, "top_p": top_p, "seed": seed, "variation": b,

@@ -46,7 +46,7 @@ class CudaGraphEngine:
         logits, state = self.model.step(token, state)
         return select_torch(logits, noise, *args), state
 
-    # --- capture -----------------------------------------------------------------------------------
+    # --- capture ----------------------------------------------------------------------------------
     def _graph(self, template: ModelState, args: tuple):
         """(graph, static state dict, static token, static noise, static tokens out) for the
         sampling settings `args`, captured on first use."""
@@ -85,7 +85,7 @@ class CudaGraphEngine:
         self._captured[args] = (graph, st, tok, noise, out)
         return self._captured[args]
 
-    # --- generation --------------------------------------------------------------------------------
+    # --- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, state: ModelState, first_token: np.ndarray, n: int, sampler: Sampler,
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, ModelState]:

@@ -6,9 +6,9 @@ A complex diagonal recurrence over N modes shared by the layer's H channels (the
     x_t = Lambda * x_{t-1} + gamma * (B u_t),     y_t = Re(C x_t) + D * u_t
 
 with Lambda = exp(-exp(nu_log) + i exp(theta_log)) (stable for any parameter values: |Lambda| < 1),
-B (N, H) and C (H, N) complex, D (H,) real, and the normalization gamma = exp(gamma_log), initialized
-to sqrt(1 - |Lambda|^2) so that a white input keeps unit variance in every mode however close to
-the unit circle it sits (a trainable parameter, as in the paper's code).
+B (N, H) and C (H, N) complex, D (H,) real, and the normalization gamma = exp(gamma_log),
+initialized to sqrt(1 - |Lambda|^2) so that a white input keeps unit variance in every mode however
+close to the unit circle it sits (a trainable parameter, as in the paper's code).
 
 Parallel mode (training, prompt reads): every mode's states are the causal convolution of its
 driven input gamma B u with the kernel Lambda^k, done by FFT in O(L log L); a start state x0 adds
@@ -94,7 +94,7 @@ class LRU(SequenceBackend):
         because weight decay would pull it to 0, i.e. gamma to 1, undoing the normalization."""
         return [self.nu_log, self.theta_log, self.gamma_log]
 
-    # --- the recurrence's ingredients --------------------------------------------------------------
+    # --- the recurrence's ingredients -------------------------------------------------------------
     def log_lambda(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(log |Lambda|, arg Lambda), real (N,) each: -exp(nu_log) and exp(theta_log), computed in
         `dtype` (default: the parameters')."""
@@ -122,7 +122,7 @@ class LRU(SequenceBackend):
         mag = torch.where(log_mag > _LOG_FLOOR, torch.exp(log_mag), torch.zeros_like(log_mag))
         return torch.polar(mag, k * theta).to(dtype)
 
-    # --- parallel -----------------------------------------------------------------------------------
+    # --- parallel ---------------------------------------------------------------------------------
     def _drive(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """gamma B u_t for every t: complex (B, L, N) of the real `dtype`'s complex type."""
         w_re, w_im, _, _ = self.maps()
@@ -183,7 +183,7 @@ class LRU(SequenceBackend):
         s = s + x0 * self.powers(1, offset=L, dtype=cdtype)[0]
         return s.real.to(state[0].dtype).contiguous(), s.imag.to(state[1].dtype).contiguous()
 
-    # --- recurrent ------------------------------------------------------------------------------------
+    # --- recurrent --------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> State:
         """Zero state: (re, im), each (batch, N)."""
