@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmgen.atomic import remove_stale_temps
+from ssmgen.atomic import remove_stale_temps, write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint, save_checkpoint
 from ssmgen.config import AUTO_BATCH_MAX, Config
 from ssmgen.data import Dataset
@@ -480,30 +481,39 @@ def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: i
 
 
 def _append_metrics(path: Path, step, seconds, optimizer, loss, rate, val) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(METRICS)
-        v = val or {}
-        w.writerow([step, f"{seconds:.1f}", f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss:.5f}",
-                    f"{loss / math.log(2):.5f}", f"{rate:.0f}"] +
-                   [f"{v[k]:.5f}" if k in v else ""
-                    for k in ("bpb", "acc1", "acc3", "acc5", "acc10")])
-        f.flush()
-        os.fsync(f.fileno())
+    """One row per validation, appended and fsynced (a row is small: appending cannot tear more
+    than the last line, which `_truncate_metrics` drops on resume)."""
+    v = val or {}
+    row = [step, f"{seconds:.1f}", f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss:.5f}",
+           f"{loss / math.log(2):.5f}", f"{rate:.0f}"] + \
+        [f"{v[k]:.5f}" if k in v else "" for k in ("bpb", "acc1", "acc3", "acc5", "acc10")]
+    text = io.StringIO()
+    w = csv.writer(text)
+    if not path.exists():
+        w.writerow(METRICS)
+    w.writerow(row)
+    try:
+        with open(path, "a", newline="") as f:
+            f.write(text.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failure(path, e) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we resume from (they will be redone)."""
+    """On resume, drop rows logged after the checkpoint we resume from (they will be redone) and
+    a row a kill cut short; rewritten atomically."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    if len(keep) != len(rows):
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
+    keep = [METRICS] + [r for r in rows[1:] if len(r) == len(METRICS) and r[0].isdigit()
+                        and int(r[0]) <= step]
+    if keep != rows:
+        text = io.StringIO()
+        csv.writer(text).writerows(keep)
+        write_text(path, text.getvalue())
 
 
 class _StopFlag:
