@@ -171,3 +171,31 @@ def test_listening_page_in_a_real_headless_browser(data, tmp_path):
     for src in sources:
         wav = run / src
         assert wav.is_file() and wav.stat().st_size > 1000
+
+
+def test_init_fine_tunes_a_model_by_name_with_a_fresh_optimizer(data, tmp_path):
+    """`--init` starts from a model's weights (the bundled one by name), the model's own shape
+    when no preset is named; a different model or data format is one line."""
+    from ssmgen.workspace import bundled_models
+
+    bundled = load_checkpoint(bundled_models()["ablated-s4d-pieces"])
+    run = tmp_path / "ft"
+    r = ssmgen("train", data, "--init", "ablated-s4d-pieces", "--max-steps", 1, "--sample-len",
+               1024, "--batch-size", 1, "--set", "train.val_max_samples=2048", "--set",
+               "train.sample_seconds=0", "--out", run)
+    assert r.returncode == 0, r.stderr
+    assert "starting from" in r.stderr and "ablated-s4d-pieces" in r.stderr
+    tuned = weights(run)
+    assert tuned["step"] == 1 and tuned["init"].endswith("ablated-s4d-pieces.pt")
+    assert tuned["optimizer"]["state"][0]["step"] == 1  # a fresh optimizer: one step of its own
+    close = [torch.allclose(tuned["model"][k], v, atol=1e-2) for k, v in bundled["model"].items()]
+    assert all(close)  # one small step away from the bundled weights
+    assert any(not torch.equal(tuned["model"][k], v) for k, v in bundled["model"].items())
+    r = ssmgen("train", data, "--init", "ablated-s4d-pieces", "--preset", "tiny", "--max-steps",
+               1, "--out", tmp_path / "x", "-q")
+    assert r.returncode == 2 and "its model has d_model = 64" in r.stderr, r.stderr
+    other = make_dataset(tmp_path / "8k", rate=8000)
+    r = ssmgen("train", other, "--init", "ablated-s4d-pieces", "--max-steps", 1, "--out",
+               tmp_path / "y", "-q")
+    assert r.returncode == 2 and "differs from the --init model's" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -6,6 +6,7 @@ codes: 0 success, 2 user error, 1 internal error, 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -226,7 +227,7 @@ def presets(
 
 #: Options that would change a run's settings; a resumed run keeps its own.
 _RESUME_FIXED = ("--preset", "--backend", "--recipe", "--set", "--batch-size", "--sample-len",
-                 "--lr", "--seed")
+                 "--lr", "--seed", "--init")
 
 
 @command
@@ -252,17 +253,20 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    init: Optional[str] = typer.Option(None, help="Start from this model's weights (a run, a "
+                                       "checkpoint or a bundled model's name): fine-tuning."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
     """Train a SaShiMi model on a prepared dataset."""
     from ssmgen.checkpoint import load_checkpoint
     from ssmgen.config import Config, load_config
+    from ssmgen.train import init_model_config
     from ssmgen.train import train as run_training
     from ssmgen.workspace import newest_dataset
 
     if resume:
         given = dict(zip(_RESUME_FIXED, (preset, backend, recipe != "auto" or None, set_ or None,
-                                         batch_size, sample_len, lr, seed)))
+                                         batch_size, sample_len, lr, seed, init)))
         fixed = [name for name, value in given.items() if value is not None]
         if fixed:
             raise UserError(f"--resume continues a run with its own settings: drop {fixed[0]} "
@@ -293,9 +297,17 @@ def train(
                            ("device", device)):
             if value is not None:
                 overrides.append(f"train.{key}={value}")
-        cfg = load_config(preset or "ablated", backend=backend, overrides=overrides,
-                          recipe=recipe)
-        result = run_training(data, cfg, out_dir, progress=not quiet)
+        if init is not None and preset is None and backend is None:  # the model's own shape
+            ckpt, model_cfg = init_model_config(init)
+            cfg = load_config("ablated", backend=model_cfg.backend, overrides=overrides,
+                              recipe=recipe)
+            cfg = dataclasses.replace(cfg, preset=str(ckpt["config"].get("preset", "custom")),
+                                      model=dataclasses.replace(model_cfg,
+                                                                dropout=cfg.model.dropout))
+        else:
+            cfg = load_config(preset or "ablated", backend=backend, overrides=overrides,
+                              recipe=recipe)
+        result = run_training(data, cfg, out_dir, init=init, progress=not quiet)
     best = (f"best val bpb {result['best_bpb']:.4f}" if result["best_bpb"] < float("inf")
             else "no validation split to score")
     out.print(f"trained {result['steps']} steps ({result['stopped']}); {best}; run folder "

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ssmgen.atomic import remove_stale_temps, write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint, save_checkpoint
-from ssmgen.config import AUTO_BATCH_MAX, Config
+from ssmgen.config import AUTO_BATCH_MAX, Config, ModelConfig
 from ssmgen.data import Dataset
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
@@ -178,16 +178,42 @@ def resume_config(stored: Config, cfg: Config | None, source: str) -> Config:
 # ------------------------------------------------------------------------------------------------
 
 def train(data: str | Path, cfg: Config | None, out: str | Path | None = None, *,
-          resume: bool = False, progress: bool = True) -> dict[str, Any]:
+          resume: bool = False, init: str | Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Train a model on a prepared dataset; returns a summary (run folder, steps, best bpb).
 
     `out`: the run folder (default: a new ./runs/PRESET-BACKEND-N). It must be new, empty or a run
     of ours. With `resume`, continues the run in `out` from its last checkpoint: its own config
-    wins, except the stop limits and device given in `cfg` (None: the run's own). With neither
-    train.max_steps nor train.max_minutes, training runs until Ctrl-C (which saves first).
+    wins, except the stop limits and device given in `cfg` (None: the run's own). With `init` (a
+    checkpoint, a run folder or a bundled model's name), starts from that model's weights with a
+    fresh optimizer and schedule (fine-tuning): its model config must equal `cfg.model`, and its
+    data format the dataset's. With neither train.max_steps nor train.max_minutes, training runs
+    until Ctrl-C (which saves first).
     """
-    trainer = Trainer(data, cfg, out, resume=resume, progress=progress)
+    trainer = Trainer(data, cfg, out, resume=resume, init=init, progress=progress)
     return trainer.run()
+
+
+def init_model_config(init: str | Path) -> tuple[dict, ModelConfig]:
+    """(checkpoint, model config) of the model `--init` names: a checkpoint file, a run folder or
+    a bundled model's name."""
+    from ssmgen.workspace import resolve_model
+
+    ckpt = load_checkpoint(resolve_model(str(init)).path)
+    return ckpt, Config.from_dict(ckpt["config"], source=ckpt["path"]).model
+
+
+def _same_model(given: ModelConfig, init: ModelConfig, where: str) -> None:
+    """UserError naming the first field in which the model to train differs from the `--init`
+    model (its weights could not be loaded, or would mean something else). Dropout is training,
+    not the model: it may change; seq_len follows the weights."""
+    a, b = dataclasses.asdict(given), dataclasses.asdict(init)
+    a["backend_options"], b["backend_options"] = given.options(), init.options()
+    for key in a:
+        if key not in ("seq_len", "dropout") and a[key] != b[key]:
+            raise UserError(f"--init {where}: its model has {key} = {b[key]!r}, the preset asks "
+                            f"for {a[key]!r}; fine-tuning needs the same model (leave out "
+                            "--preset/--backend to take the model's own)")
 
 
 class Trainer:
@@ -195,7 +221,7 @@ class Trainer:
     the run folder is created), then the loop, validation, checkpoints and the listening page."""
 
     def __init__(self, data: str | Path, cfg: Config | None, out: str | Path | None, *,
-                 resume: bool, progress: bool) -> None:
+                 resume: bool, progress: bool, init: str | Path | None = None) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
@@ -218,12 +244,26 @@ class Trainer:
             cfg = resume_config(stored, cfg, str(last))
         elif cfg is None:
             raise UserError("train: give a config (or resume=True)")
+        self.init = None
+        if init is not None:
+            if resume:
+                raise UserError("--init starts a new run from a model's weights; --resume "
+                                "continues a run: give one of them")
+            self.init, init_model = init_model_config(init)
+            _same_model(cfg.model, init_model, self.init["path"])
+            # the weights' parameterization (S4's C~ is for the length it was trained at)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                init_model, dropout=cfg.model.dropout))
         if cfg.model.seq_len is None and self.state is None:  # a config not made by load_config
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                      seq_len=cfg.train.sample_len))
         self.cfg = cfg
         self.dataset = Dataset(data)
         self.data = Path(data)
+        if self.init is not None and self.dataset.data_format() != self.init["data_format"]:
+            raise UserError(f"{data}: its format {self.dataset.data_format()} differs from the "
+                            f"--init model's {self.init['data_format']}; prepare the audio with "
+                            "the model's rate and encoding (ssmgen prep --rate/--encoding)")
         if self.state is not None and self.dataset.data_format() != self.state["data_format"]:
             raise UserError(f"{data}: its format "
                             f"{self.dataset.data_format()} differs from the run's "
@@ -247,6 +287,8 @@ class Trainer:
         check_memory(training_bytes(cfg, params, cfg.train.batch_size // world),
                      f"training {cfg.train.batch_size} x {cfg.train.sample_len} samples per step",
                      "lower --batch-size or --sample-len", self.device)
+        if self.init is not None:  # fine-tuning: the weights, not the optimizer or schedule
+            model.load_state_dict(self.init["model"])
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
@@ -275,6 +317,7 @@ class Trainer:
         if self.state is None or not is_run(self.run_dir):
             mark_run(self.run_dir, {"preset": cfg.preset, "backend": cfg.model.backend,
                                     "recipe": cfg.recipe, "dataset": str(self.data.resolve()),
+                                    "init": self.init["path"] if self.init else None,
                                     "config": cfg.to_dict()})
         for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
             remove_stale_temps(folder)  # what a killed run left half-written
@@ -284,6 +327,7 @@ class Trainer:
     def checkpoint(self, tag: str, val: dict | None) -> None:
         payload = {"config": self.cfg.to_dict(), "data_format": self.dataset.data_format(),
                    "dataset": str(self.data.resolve()), "parameters": count_parameters(self.model),
+                   "init": self.init["path"] if self.init else None,
                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "schedule": self.schedule.state_dict(), "step": self.step,
                    "seconds": self.elapsed, "best_bpb": self.best, "val": val or {}}
@@ -331,7 +375,8 @@ class Trainer:
         created, self.saved = False, False
         if self.is_main:
             created = self._open_run()
-            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None)
+            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None,
+                      self.init["path"] if self.init else None)
         try:
             return self._loop(world, rank)
         except BaseException:
@@ -426,14 +471,14 @@ class Trainer:
 
 
 def _announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
-              resumed: bool) -> None:
+              resumed: bool, init: str | None = None) -> None:
     """Say, before the first step, where the run goes, how it trains and how it will stop."""
     t = cfg.train
     warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
     log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step, lr %g%s, "
-             "schedule %s) on %s", "resuming" if resumed else "training into", run, cfg.preset,
+             "schedule %s) on %s%s", "resuming" if resumed else "training into", run, cfg.preset,
              cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, t.lr, warm, t.schedule,
-             device.type)
+             device.type, f", starting from {init}" if init else "")
     if t.max_steps is None and t.max_minutes is None:
         log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
                  "saves a checkpoint first; validation every %d steps", t.val_every)

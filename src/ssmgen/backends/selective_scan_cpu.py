@@ -50,7 +50,7 @@ if HAS_NUMBA:
     # Rows as slices (erow, brow, crow) rather than computed flat indices: numba cannot prove
     # those non-negative, and the wrap-around checks kept LLVM from vectorizing the N-loop.
     # fastmath lets the sum over N vectorize too; `zero` keeps it in the input dtype (a float64
-    # literal had made float32 sums float64). Together 1.5x on the forward (docs/benchmarks.md).
+    # literal had made float32 sums float64). Measured gains: docs/benchmarks.md.
     @njit(parallel=True, fastmath=True, **JIT)
     def _forward(u, delta, A, Bl, Cl, h0, y, hlast, hkeep, chunk):  # pragma: no cover - compiled
         """u, delta (B, D, L); A (D, N); Bl, Cl (B, L, N); h0 (B, D, N). Writes y (B, D, L),
