@@ -20,6 +20,25 @@ def make(name, dtype=torch.float32, seed=0):
     return perturb(layer, seed=seed).to(dtype).eval()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_importable_contract_holds_for_every_builtin(name):
+    """ssmgen.testing.check_backend, the checks a plug-in's tests run too."""
+    from ssmgen.testing import check_backend
+    check_backend(lambda dtype: make(name, dtype))
+
+
+def test_the_contract_catches_a_broken_backend():
+    from ssmgen.backends.s4d import S4D
+    from ssmgen.testing import check_backend
+
+    class Leaky(S4D):  # its prompt read forgets the state it starts from
+        def forward_with_state(self, x, state):
+            return super().forward_with_state(x, self.initial_state(x.shape[0], x.device, x.dtype))
+
+    with pytest.raises(AssertionError, match="two chunks"):
+        check_backend(lambda dtype: perturb(Leaky(H, d_state=16)).to(dtype))
+
+
 def test_registry_lists_builtins_through_entry_points():
     from importlib.metadata import entry_points
     names = {ep.name for ep in entry_points(group="ssmgen.backends")}

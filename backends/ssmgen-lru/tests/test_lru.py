@@ -11,6 +11,7 @@ import torch
 
 from ssmgen import backends
 from ssmgen.errors import UserError
+from ssmgen.testing import check_backend, perturb, step_through
 from ssmgen_lru import LRU, lru_reference
 
 # Tiny ops on 2 shared cores: a thread pool per op costs more than it saves.
@@ -19,30 +20,15 @@ torch.set_num_threads(1)
 H, N, B = 5, 6, 2
 
 
-def perturb(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter away from its initialization by relative noise, so the tests see
-    trained-looking weights rather than the special structure of a fresh init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            s = p.detach().abs().mean().item() or 1.0
-            p.add_(scale * s * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
-
-
 def make(dtype: torch.dtype = torch.float64, seed: int = 0, **options) -> LRU:
     torch.manual_seed(seed)
     options = {"d_state": N, **options}
-    return perturb(LRU(H, **options), seed=seed).to(dtype).eval()
+    return perturb(LRU(H, **options), scale=0.2, seed=seed).to(dtype).eval()
 
 
-def step_through(layer: LRU, x: torch.Tensor, state):
-    """`layer.step` over x (B, L, H) one sample at a time: (outputs, final state)."""
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = layer.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
+def test_the_contract_every_ssmgen_backend_keeps():
+    """ssmgen.testing.check_backend: the checks ssmgen's built-ins pass too."""
+    check_backend(lambda dtype: make(dtype))
 
 
 def as_complex(state) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""What a sequence backend must satisfy, importable: the tests of ssmgen's built-ins and of a
+third-party plug-in (backends/ssmgen-lru) run the same checks.
+
+    from ssmgen.testing import check_backend
+    check_backend(lambda dtype: MyLayer(8, d_state=16).to(dtype))
+
+`check_backend` asserts, in float64: the three modes agree (parallel == stepping; a chunk read
+from a state == the same chunk inside the whole sequence; `final_state` == `forward_with_state`'s
+state), outputs are causal, the state is real tensors named by `state_names()`, and the step cache
+is never stale after an in-place parameter change. Backend-specific references (a naive
+recurrence, gradchecks) stay with each backend's own tests.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ssmgen.backends.base import SequenceBackend, State
+
+
+def perturb(module: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+    """Move every parameter away from its initialization by relative noise, so tests exercise
+    trained-looking weights, not the special structure of a fresh init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            s = p.detach().abs().mean().item() or 1.0
+            p.add_(scale * s * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def step_through(layer, x: torch.Tensor, state):
+    """Run `layer.step` over x (B, L, ...) one sample at a time; returns (y, state)."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = layer.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float, rtol: float) -> None:
+    try:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from None
+
+
+def _states_close(a: State, b: State, what: str, atol: float, rtol: float) -> None:
+    assert len(a) == len(b), f"{what}: {len(a)} state tensors against {len(b)}"
+    for i, (u, v) in enumerate(zip(a, b)):
+        _close(u, v, f"{what}, state tensor {i}", atol, rtol)
+
+
+def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int = 2,
+                  length: int = 301, split: int = 123, atol: float = 1e-9,
+                  rtol: float = 1e-7, seed: int = 0) -> None:
+    """Assert the contract of `ssmgen.backends.SequenceBackend` for the layer `make(dtype)`
+    builds (in eval mode, weights perturbed by the caller if it wants). Runs in float64, so the
+    tolerances are for algebra, not rounding; a failure says which property broke."""
+    torch.manual_seed(seed)
+    layer = make(torch.float64).eval()
+    assert isinstance(layer, SequenceBackend), f"{type(layer).__name__} is not a SequenceBackend"
+    H = layer.d_model
+    x = torch.randn(batch, length, H, dtype=torch.float64)
+    zero = layer.initial_state(batch, dtype=torch.float64)
+    names = layer.state_names()
+    assert len(names) == len(zero), f"state_names() names {len(names)}, the state has {len(zero)}"
+    for name, s in zip(names, zero):
+        assert isinstance(s, torch.Tensor) and s.dtype == torch.float64 and not s.is_complex(), \
+            f"state tensor {name}: real float64 expected, got {s.dtype}"
+        assert s.shape[0] == batch, f"state tensor {name}: batch axis first, got {tuple(s.shape)}"
+    with torch.no_grad():
+        y = layer(x)
+        assert y.shape == x.shape, f"forward: shape {tuple(y.shape)} for input {tuple(x.shape)}"
+        ys, s_step = step_through(layer, x, zero)
+        _close(ys, y, "step through the sequence against forward", atol, rtol)
+        y1, s1 = layer.forward_with_state(x[:, :split], zero)
+        y2, s2 = layer.forward_with_state(x[:, split:], s1)
+        _close(torch.cat([y1, y2], 1), y, "two chunks handing their state over against forward",
+               atol, rtol)
+        _states_close(s2, s_step, "state after two chunks against the stepped state", atol, rtol)
+        y_tail, _ = step_through(layer, x[:, split:], s1)
+        _close(y_tail, ys[:, split:], "stepping on from a chunk's state", atol, rtol)
+        for start, label in ((zero, "zero"), (s1, "non-zero")):
+            want = layer.forward_with_state(x[:, split:], start)[1]
+            _states_close(layer.final_state(x[:, split:], start), want,
+                          f"final_state from a {label} state against forward_with_state's",
+                          atol, rtol)
+        x2 = x.clone()
+        x2[:, split:] += 1.0
+        _close(layer(x2)[:, :split], y[:, :split], "causality (outputs before a change of input)",
+               atol, rtol)
+        # the step cache follows an in-place change of the parameters
+        layer.step(x[:, 0], zero)  # fills the step cache
+        for p in layer.parameters():
+            p.mul_(1.5)
+        after, _ = layer.step(x[:, 0], zero)
+        fresh = make(torch.float64).eval()
+        fresh.load_state_dict(layer.state_dict())
+        _close(after, fresh.step(x[:, 0], fresh.initial_state(batch, dtype=torch.float64))[0],
+               "a step after an in-place parameter change (stale step cache?)", atol, rtol)
