@@ -228,6 +228,9 @@ class Trainer:
         self.progress = progress
         if resume and out is None:
             raise UserError("--resume needs the run folder: --out RUN")
+        if resume and init is not None:
+            raise UserError("--init starts a new run from a model's weights; --resume "
+                            "continues a run: give one of them")
         self.run_dir = Path(out) if out is not None else None
         self.state = None
         if self.run_dir is not None and self.is_main:
@@ -246,9 +249,6 @@ class Trainer:
             raise UserError("train: give a config (or resume=True)")
         self.init = None
         if init is not None:
-            if resume:
-                raise UserError("--init starts a new run from a model's weights; --resume "
-                                "continues a run: give one of them")
             self.init, init_model = init_model_config(init)
             _same_model(cfg.model, init_model, self.init["path"])
             # the weights' parameterization (S4's C~ is for the length it was trained at)
