@@ -74,7 +74,7 @@ def test_same_seed_same_audio_and_variations_differ(ckpt, song, tmp_path):
     v = continue_song(song, ckpt, out=tmp_path / "v.wav", seed=5, num=2, **kw)
     x1, x2 = (sf.read(p)[0] for p in v["outputs"])
     assert not np.array_equal(x1, x2)
-    seeds = [s["variation_seed"] for s in v["variations"]]
+    seeds = [s["seed"] for s in v["variations"]]
     assert len(set(seeds)) == 2
     # variation 0 of the batch is the same audio as the single run with the same seed
     assert np.array_equal(x1, sf.read(a["outputs"][0])[0])
