@@ -471,13 +471,21 @@ def _sync_schedule(schedule: Schedule) -> None:
 
 def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device) -> None:
     """A short continuation of a fixed validation prompt, and the refreshed listening page."""
+    from ssmgen.classical import classical_line
     from ssmgen.report import write_index, write_listening_sample
     if cfg.train.sample_seconds > 0:  # 0 turns listening samples off
         try:
             write_listening_sample(run, model, dataset, cfg, step, device)
         except UserError as e:
             log.warning("no listening sample at step %d: %s", step, e)
-    write_index(run)
+    classical = None
+    if dataset.split_samples("val"):  # computed once, then read back from run/classical.json
+        try:
+            classical = classical_line(dataset, "val", max_samples=cfg.train.val_max_samples,
+                                       cache_dir=run)
+        except (UserError, OSError, ValueError, np.linalg.LinAlgError) as e:
+            log.warning("no classical line on the page: %s", e)
+    write_index(run, classical)
 
 
 def _append_metrics(path: Path, step, seconds, optimizer, loss, rate, val) -> None:
