@@ -47,6 +47,7 @@ from ssmgen.listen import levels, matching_gain, spectrogram_png, warnings_for, 
 from ssmgen.model import ModelState
 from ssmgen.runtime import check_memory, resolve_device
 from ssmgen.validate import number
+from ssmgen.validate import short_number as short
 
 #: A 16-bit WAV holds at most 4 GiB of samples (its sizes are 32-bit).
 WAV_MAX_BYTES = (1 << 32) - (1 << 16)
@@ -75,10 +76,6 @@ class Variation:
     top_p: float
     seed: int
     copy: int  # j: the j-th of --num with these settings
-
-    def label(self) -> str:
-        return f"temp {self.temperature:g}, top-k {self.top_k}, top-p {self.top_p:g}, " \
-               f"seed {self.seed}"
 
 
 def sampling_grid(temperature, top_k, top_p, num: int, seed: int) -> list[Variation]:
@@ -365,9 +362,9 @@ def _reproduce(song: Path, checkpoint: str, row: Variation, seconds: float,
                match_level: bool) -> str:
     """The command that makes this variation alone, sample for sample."""
     args = ["ssmgen", "continue", str(song), "--model", str(checkpoint), "--seconds",
-            f"{seconds:g}", "--prompt-seconds", f"{prompt_seconds:g}", "--at", repr(at),
-            "--temp", f"{row.temperature:g}", "--top-k", str(row.top_k), "--top-p",
-            f"{row.top_p:g}", "--seed", str(row.seed)]
+            short(seconds), "--prompt-seconds", short(prompt_seconds), "--at", short(at),
+            "--temp", short(row.temperature), "--top-k", str(row.top_k), "--top-p",
+            short(row.top_p), "--seed", str(row.seed)]
     args += ["--only-new"] if only_new else ["--join"] if join else []
     if match_level != join:
         args.append("--match-level" if match_level else "--no-match-level")
@@ -461,9 +458,9 @@ def _output_paths(song: Path, out: str | Path | None, rows: list[Variation], for
                                                                   "top_p", "copy")]
         paths = []
         for r in rows:
-            parts = [f"{tag}{v:g}" if isinstance(v, float) else f"{tag}{v}"
-                     for on, tag, v in zip(varied, ("t", "k", "p", ""),
-                                           (r.temperature, r.top_k, r.top_p, r.copy + 1)) if on]
+            values = (r.temperature, r.top_k, r.top_p, r.copy + 1)
+            parts = [f"{tag}{short(v)}" for on, tag, v in zip(varied, ("t", "k", "p", ""), values)
+                     if on]
             paths.append(base.with_name(f"{base.stem}-{'-'.join(parts)}{base.suffix}"))
     for p in paths:
         check_output(p, force=force, inputs=inputs)

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from ssmgen.atomic import write_text
 from ssmgen.listen import data_uri
+from ssmgen.validate import short_number as short
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
@@ -80,12 +81,12 @@ def write_page(path: Path, *, song: Path, prompt_file: Path, prompt_pictures: tu
         name = Path(v["output"]).name
         gain = f'{lv["gain_db"]:+.1f}' if lv["match"] else "off"
         rows.append(f'<tr><td>{i + 1}</td><td><a href="#v{i + 1}">{_e(name)}</a></td>'
-                    f'<td>{v["temperature"]:g}</td><td>{v["top_k"]}</td><td>{v["top_p"]:g}</td>'
+                    f'<td>{short(v["temperature"])}</td><td>{v["top_k"]}</td><td>{short(v["top_p"])}</td>'
                     f'<td>{v["seed"]}</td><td>{gain}</td>'
                     f'<td>{_levels(lv["continuation"])}</td><td class="notes">{note_html}</td>'
                     '</tr>')
-        title = (f"{i + 1}. {_e(name)}: temperature {v['temperature']:g}, top-k {v['top_k']}, "
-                 f"top-p {v['top_p']:g}, seed {v['seed']}")
+        title = (f"{i + 1}. {_e(name)}: temperature {short(v['temperature'])}, top-k "
+                 f"{v['top_k']}, top-p {short(v['top_p'])}, seed {v['seed']}")
         extra = (f'<p class="meta">new audio {_levels(lv["continuation"])} (prompt\'s last '
                  f'{lv["window_s"]:g} s: {_levels(lv["prompt"])}); level match '
                  f'{gain + " dB" if lv["match"] else "off"}. {note_html}</p>'
@@ -93,9 +94,9 @@ def write_page(path: Path, *, song: Path, prompt_file: Path, prompt_pictures: tu
         clips.append(_clip(f"v{i + 1}", title, _src(v["output"], path), pics, total_s, prompt_s,
                            extra))
     grid = first["grid"]
-    settings = (f"temperature {', '.join(f'{t:g}' for t in grid['temperature'])}; top-k "
+    settings = (f"temperature {', '.join(short(t) for t in grid['temperature'])}; top-k "
                 f"{', '.join(str(k) for k in grid['top_k'])}; top-p "
-                f"{', '.join(f'{p:g}' for p in grid['top_p'])}; {grid['num']} each "
+                f"{', '.join(short(p) for p in grid['top_p'])}; {grid['num']} each "
                 f"(seeds {grid['seed']}..{grid['seed'] + grid['num'] - 1})")
     kind = ("--join: the song up to the seam, then the continuation at the song's rate" if
             first["join"] else "--only-new: the new audio only" if first["only_new"] else
