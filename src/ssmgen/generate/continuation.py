@@ -360,8 +360,13 @@ def _silence_stdout(stream) -> None:
 def _reproduce(song: Path, checkpoint: str, row: Variation, seconds: float,
                prompt_seconds: float, at: float, only_new: bool, join: bool,
                match_level: bool) -> str:
-    """The command that makes this variation alone, sample for sample."""
-    args = ["ssmgen", "continue", str(song), "--model", str(checkpoint), "--seconds",
+    """The command that makes this variation alone, sample for sample (a model that ships with
+    ssmgen is named, not located)."""
+    from ssmgen.workspace import bundled_models
+
+    model = next((name for name, p in bundled_models().items()
+                  if os.path.abspath(p) == os.path.abspath(checkpoint)), str(checkpoint))
+    args = ["ssmgen", "continue", str(song), "--model", model, "--seconds",
             short(seconds), "--prompt-seconds", short(prompt_seconds), "--at", short(at),
             "--temp", short(row.temperature), "--top-k", str(row.top_k), "--top-p",
             short(row.top_p), "--seed", str(row.seed)]

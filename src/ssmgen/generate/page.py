@@ -101,13 +101,17 @@ def write_page(path: Path, *, song: Path, prompt_file: Path, prompt_pictures: tu
     kind = ("--join: the song up to the seam, then the continuation at the song's rate" if
             first["join"] else "--only-new: the new audio only" if first["only_new"] else
             "the prompt, then the continuation")
+    ck = Path(first["checkpoint"])
+    model_name = (f"{ck.parent.parent.name}/{ck.parent.name}/{ck.name}"
+                  if ck.parent.name == "checkpoints" else ck.name)
     prompt_title = (f"Prompt: {_e(Path(prompt_file).name)} (its last "
                     f"{first['level']['window_s']:g} s: {_levels(prompt_levels)})")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Continuations of {_e(song.name)}</title><style>{STYLE}</style></head><body>
 <h1>Continuations of {_e(song.name)}</h1>
-<p class="meta">Model {_e(first["checkpoint"])} (step {first["step"]}),
+<p class="meta">Model <span title="{_e(first["checkpoint"])}">{_e(model_name)}</span>
+(step {first["step"]}),
 engine {_e(first["engine"])};
 prompt {first["prompt_start_s"]:.2f}-{first["prompt_end_s"]:.2f} s of the song, then
 {first["seconds"]:g} s of new audio at {rate} Hz. {len(variations)} variation(s) in one batch:
