@@ -307,3 +307,36 @@ def test_level_match_at_the_seam(ckpt, tmp_path):
                                                           rel=0.02)
     plain = continue_song(song, ckpt, out=tmp_path / "m.wav", match_level=True, **kw)
     assert plain["variations"][0]["level"]["gain_db"] == lv["gain_db"]  # without --join too
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(temperature=[0.7, 0.7]), "--temp 0.7,0.7: lists 0.7 twice"),
+    (dict(top_p=[0.9, 0]), "--top-p 0: must be in (0, 1]"),
+    (dict(top_k=[0, 257]), "--top-k 257"),
+    (dict(temperature=[]), "--temp: give at least one value"),
+    (dict(num=4096, temperature=[0.5, 1]), "8192 variations"),
+    (dict(seed=2**63 - 1, num=2), "--seed 9223372036854775807"),
+    (dict(out="-", num=2), "--out - streams one variation"),
+    (dict(out="-", join=True), "--join needs a file"),
+    (dict(out="-", match_level=True), "the level match needs the whole continuation"),
+    (dict(out="-", page=True), "--out - writes no page"),
+])
+def test_grid_and_stream_mistakes_are_one_line(ckpt, song, tmp_path, kw, fragment):
+    import io
+
+    from ssmgen.errors import UserError
+    kw.setdefault("out", tmp_path / "o.wav")
+    with pytest.raises(UserError) as e:
+        continue_song(song, ckpt, seconds=0.1, progress=False, stream=io.BytesIO(), **kw)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_lists_on_the_command_line():
+    from ssmgen.cli import _number_list
+    from ssmgen.errors import UserError
+    assert _number_list("--temp", "0.7, 0.8,1") == [0.7, 0.8, 1.0]
+    assert _number_list("--top-k", "0,40", integer=True) == [0, 40]
+    for text, integer in (("0.7,,1", False), ("", False), ("5,1.5", True), ("1e3", True)):
+        with pytest.raises(UserError, match="comma-separated list"):
+            _number_list("--x", text, integer)
