@@ -224,7 +224,8 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     n_new = int(round(seconds * rate))
     n_prompt = int(round(prompt_seconds * rate))
     B = len(rows)
-    _check_size(model, song, n_new, n_prompt, B, join, only_new, rate)
+    _check_size(model, song, n_new, n_prompt, B, join, only_new, rate,
+                f"--num {num}" if B == num else f"{B} variations (settings x --num {num})")
     clip = read_song_clip(song, fmt, seconds=prompt_seconds, at=at)
     start, end, gain, song_rate = clip.start, clip.end, clip.gain, clip.info.samplerate
     prompt = encode(clip.audio * gain, fmt["encoding"]).astype(np.int64)
@@ -391,7 +392,7 @@ def _check_stream(rows: list[Variation], join: bool, match_level: bool, page: bo
 
 
 def _check_size(model, song: Path, n_new: int, n_prompt: int, num: int, join: bool,
-                only_new: bool, rate: int) -> None:
+                only_new: bool, rate: int, what: str = "") -> None:
     """Refuse, before allocating, outputs and batches larger than the machine or the WAV format."""
     from ssmgen.audio import probe
     from ssmgen.model import activation_bytes
@@ -405,14 +406,15 @@ def _check_size(model, song: Path, n_new: int, n_prompt: int, num: int, join: bo
         raise UserError(f"--seconds {n_new / rate:g}: each output would be "
                         f"{wav_bytes / 2**30:.1f} GiB, more than a WAV file holds (4 GiB); ask "
                         "for less")
+    what = what or f"--num {num}"
     state = sum(v.numel() for v in model.initial_state(1).tensors.values()) * 4
     need = (num * n_new  # the tokens of every variation
             + num * state * 4  # the state and the engine's buffers per variation
             + activation_bytes(model.cfg, 1, min(n_prompt, int(song_s * rate) + 1),
                                training=False)  # the parallel prompt read (once)
             + out_s * out_rate * channels * 16)  # one output at a time: float copies and bytes
-    check_memory(need, f"--seconds {n_new / rate:g} x {num} variation(s)", "ask for fewer "
-                 "seconds, fewer variations or a shorter --prompt-seconds")
+    check_memory(need, f"--seconds {n_new / rate:g} x {what}", "ask for fewer seconds, fewer "
+                 "variations or a shorter --prompt-seconds")
 
 
 def _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new,
