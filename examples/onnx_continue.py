@@ -98,13 +98,12 @@ def load_mono(path: str, rate: int) -> np.ndarray:
 # --- the noise stream, as in ssmgen.generate.sampling.Sampler -------------------------------------
 
 class Noise:
-    """Gumbel noise per batch row b from PCG64(SeedSequence(seed, spawn_key=(b,))), 256 doubles a
-    step, consumed in order (so drawing in pieces gives the same stream as drawing at once)."""
+    """Gumbel noise per batch row b from PCG64(seed + b), 256 doubles a step, consumed in order
+    (so drawing in pieces gives the same stream as drawing at once). Row b is what `ssmgen
+    continue --seed SEED+b --num 1` draws, and variation b of `--seed SEED --num N`."""
 
     def __init__(self, seed: int, batch: int = 1) -> None:
-        seeds = [int(np.random.SeedSequence(seed, spawn_key=(b,)).generate_state(1, np.uint64)[0])
-                 for b in range(batch)]
-        self.gens = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
+        self.gens = [np.random.Generator(np.random.PCG64(seed + b)) for b in range(batch)]
 
     def draw(self, n: int) -> np.ndarray:
         out = np.empty((n, len(self.gens), 256), np.float32)

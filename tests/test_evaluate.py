@@ -75,3 +75,17 @@ def test_split_without_a_recorded_dataset_asks_for_data(setup, tmp_path):
     moved = save_checkpoint(tmp_path / "m.pt", data)
     r = ssmgen("eval", moved, "--split", "test")
     assert r.returncode == 2 and "is not here; pass --data" in r.stderr, r.stderr
+
+
+def test_eval_prints_the_classical_coder_on_the_same_split(setup):
+    root, _, ckpt = setup
+    r = ssmgen("eval", ckpt, "--data", root / "ds", "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    c = res["classical"]
+    assert c["samples"] == res["samples"] and c["split"] == "test" and 0 < c["bpb"] < 8
+    assert c["order"] == 32 and c["tuned_on"] == "val"
+    r = ssmgen("eval", ckpt, "--data", root / "ds", "--split", "test")
+    assert r.returncode == 0, r.stderr
+    assert f"{res['bpb']:.2f} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the same " \
+           "split" in r.stdout

@@ -181,6 +181,13 @@ def test_continue_never_replaces_a_sidecar_or_the_song(tmp_path, ckpt, song):
     one_line_error(ssmgen("continue", song, "--model", ckpt, "--seconds", 0.1, "--out", hard,
                           "--force", "-q"), "is an input of this command")
     assert song.read_bytes() == before
+    # the comparison page and the prompt it plays are outputs too
+    for name in ("c.html", "c-prompt.wav"):
+        (tmp_path / name).write_text("my page")
+        one_line_error(ssmgen("continue", song, "--model", ckpt, "--seconds", 0.1, "--out", out,
+                              "--num", 2, "-q"), name, "already exists")
+        assert (tmp_path / name).read_text() == "my page" and not out.exists()
+        (tmp_path / name).unlink()
 
 
 # --- 6. YAML: alias expansion is bounded everywhere ----------------------------------------------
@@ -223,6 +230,10 @@ def test_nested_billion_laughs_is_refused_at_once(tmp_path, data):
     (["continue", "SONG", "--model", "CKPT", "--seconds", "-1"], "--seconds -1"),
     (["continue", "SONG", "--model", "CKPT", "--at", "nan"], "--at nan"),
     (["continue", "SONG", "--model", "CKPT", "--seed", "-3"], "--seed -3"),
+    (["continue", "SONG", "--model", "CKPT", "--temp", "0.8,nan"], "--temp nan"),
+    (["continue", "SONG", "--model", "CKPT", "--top-k", "5,1.5"], "--top-k '5,1.5'"),
+    (["continue", "SONG", "--model", "CKPT", "--out", "-", "--top-k", "0,5"],
+     "--out - streams one variation"),  # (the other list and stream cases: test_continue.py)
     (["export", "CKPT", "--out", "OUT", "--verify-steps", "0"], "--verify-steps 0"),
     (["export", "CKPT", "--out", "OUT", "--opset", "99"], "--opset 99"),
     (["prep", "SRC", "--out", "OUT", "--split", "nan/5/5"], "--split"),

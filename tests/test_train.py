@@ -2,6 +2,7 @@
 divergence, preflight errors, DDP with 2 gloo processes, the listening page in a real browser."""
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -171,6 +172,27 @@ def test_listening_page_in_a_real_headless_browser(data, tmp_path):
     for src in sources:
         wav = run / src
         assert wav.is_file() and wav.stat().st_size > 1000
+    # the training page (issue 21): settings, axes with units, the classical line, pictures
+    assert 'id="settings"' in dom.stdout and "s4d" in dom.stdout and "samples/s" in dom.stdout
+    assert "training step" in dom.stdout and "bits per sample" in dom.stdout
+    assert 'id="classical"' in dom.stdout and "classical LPC coder" in dom.stdout
+    pictures = re.findall(r'<img class="(?:wave|spec)"[^>]*src="([^"]+)"', dom.stdout)
+    assert len(pictures) == 4
+    for src in pictures:
+        assert (run / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "the prompt ends at 0.05 s" in dom.stdout
+    cached = json.loads((run / "classical.json").read_text())["entries"]
+    assert [e["split"] for e in cached.values()] == ["val"]
+    line = next(iter(cached.values()))
+    assert line["samples"] == 2048  # the positions validation scores (val_max_samples)
+    # eval prints it beside the model's figure, on its own split, and caches that one too
+    r = ssmgen("eval", run, "--split", "val", "--max-samples", "2048", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["classical"]["bpb"] == pytest.approx(line["bpb"])
+    r = ssmgen("eval", run)
+    assert r.returncode == 0 and "a classical LPC coder:" in r.stdout, r.stderr
+    cached = json.loads((run / "classical.json").read_text())["entries"]
+    assert sorted(e["split"] for e in cached.values()) == ["test", "val"]  # val: read back
 
 
 def test_init_fine_tunes_a_model_by_name_with_a_fresh_optimizer(data, tmp_path):

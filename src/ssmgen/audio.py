@@ -281,6 +281,28 @@ def wav_bytes(x: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
+def pcm16_bytes(x: np.ndarray) -> bytes:
+    """Float mono audio as the sample bytes of a 16-bit PCM WAV (the conversion `wav_bytes`
+    makes, sample for sample: libsndfile's, with the same clipping)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0), 8000, subtype="PCM_16",
+             format="RAW", endian="LITTLE")
+    return buf.getvalue()
+
+
+def wav_header(frames: int, rate: int, channels: int = 1) -> bytes:
+    """The 44-byte header of a 16-bit PCM WAV holding `frames` frames, its sizes exact: what a
+    stream writes before samples it has not generated yet."""
+    data = frames * channels * 2
+    if data > 0xFFFFFFFF - 36:
+        raise ValueError(f"{frames} frames do not fit in a WAV file")
+    return (b"RIFF" + (36 + data).to_bytes(4, "little") + b"WAVEfmt "
+            + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+            + channels.to_bytes(2, "little") + rate.to_bytes(4, "little")
+            + (rate * channels * 2).to_bytes(4, "little") + (channels * 2).to_bytes(2, "little")
+            + (16).to_bytes(2, "little") + b"data" + data.to_bytes(4, "little"))
+
+
 def write_wav(path: str | os.PathLike, x: np.ndarray, rate: int, *, replace: bool = True,
               inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write float audio as 16-bit PCM WAV, atomically and under `ssmgen.atomic`'s rules

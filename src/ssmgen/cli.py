@@ -345,19 +345,40 @@ def eval_(
         return
 
     def line(name: str, r: dict) -> None:
-        out.print(f"{one_line(name)}: {r['bpb']:.4f} bits per byte over {r['samples']:,} samples; "
-                  f"accuracy top-1 {r['acc1']:.1%}, top-3 {r['acc3']:.1%}, "
-                  f"top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}", highlight=False)
+        out.print(f"{one_line(name)}: {r['bpb']:.4f} bits per sample (8-bit, so bits per byte) "
+                  f"over {r['samples']:,} samples; accuracy top-1 {r['acc1']:.1%}, top-3 "
+                  f"{r['acc3']:.1%}, top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}",
+                  highlight=False)
     files = r.get("files", [])
     if len(files) > 1:
         for f in files:
             line(f["file"], f)
     line(files[0]["file"] if len(files) == 1 else "all files" if files else r["split"], r)
+    c = r.get("classical")
+    if c:
+        out.print(f"{r['bpb']:.2f} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the "
+                  f"same {'files' if files else 'split'} (order {c['order']}, {c['dist']} "
+                  f"residual with a running scale; fitted on the train split, tuned on "
+                  f"{c['tuned_on']})", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------
 # continue
 # ------------------------------------------------------------------------------------------------
+
+def _number_list(name: str, text: str, integer: bool = False) -> list:
+    """`--temp 0.7,0.8,1.0`: one number or a comma-separated list (each then checked in range by
+    the library, where every number is)."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            values.append(int(part) if integer else float(part))
+        except ValueError:
+            kind = "whole number" if integer else "number"
+            raise UserError(f"{name} {text!r}: expected a {kind} or a comma-separated list like "
+                            f"{'0,40' if integer else '0.7,0.8,1.0'}") from None
+    return values
+
 
 @command(name="continue")
 def continue_(
@@ -366,39 +387,69 @@ def continue_(
                                         "or bundled model name (default: the newest run here, "
                                         "else the bundled model)."),
     seconds: float = typer.Option(10.0, help="Seconds of new audio."),
-    temp: float = typer.Option(0.8, help="Sampling temperature (0: always the likeliest)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep this much probability."),
-    top_k: int = typer.Option(0, help="Keep the k likeliest tokens (0: all)."),
-    seed: int = typer.Option(0, help="Same seed, same audio."),
-    num: int = typer.Option(1, help="Variations, generated together as one batch."),
+    temp: str = typer.Option("0.8", help="Sampling temperature (0: always the likeliest), or a "
+                                         "list to compare: 0.7,0.8,1.0."),
+    top_p: str = typer.Option("1.0", help="Nucleus sampling: keep this much probability (or a "
+                                          "list)."),
+    top_k: str = typer.Option("0", help="Keep the k likeliest tokens (0: all; or a list)."),
+    seed: int = typer.Option(0, help="Same seed, same audio (variation j of each setting: "
+                                     "seed + j)."),
+    num: int = typer.Option(1, help="Variations per setting, all generated as one batch."),
     prompt_seconds: float = typer.Option(8.0, help="Seconds of the song the model hears."),
     at: Optional[float] = typer.Option(None, help="Continue from this time in seconds "
                                                   "(default: the end)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output WAV "
-                                            "(default SONG-continued.wav here)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output WAV (default "
+                                            "SONG-continued.wav here); - streams it to standard "
+                                            "output while it is generated."),
     only_new: bool = typer.Option(False, help="Write only the new audio."),
     join: bool = typer.Option(False, help="Original song up to --at, then the continuation, "
                                           "at the song's rate and channels."),
+    match_level: Optional[bool] = typer.Option(None, "--match-level/--no-match-level",
+                                               help="Bring the new audio's level to the "
+                                                    "prompt's (default: on with --join)."),
+    page: Optional[bool] = typer.Option(None, "--page/--no-page", help="Write OUT.html to "
+                                        "compare the variations (default: with several)."),
     force: bool = typer.Option(False, help="Replace existing outputs (never the song itself)."),
     engine: str = typer.Option("auto", help="auto, torch, cpu-fast or cuda-graph."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue any song with a trained model."""
-    from ssmgen.generate.continuation import continue_song
+    from ssmgen.generate.continuation import StreamClosed, continue_song
 
+    temps = _number_list("--temp", temp)
+    top_ps = _number_list("--top-p", top_p)
+    top_ks = _number_list("--top-k", top_k, integer=True)
     path = _model_choice(None, model)
-    r = continue_song(song, path, seconds=seconds, temperature=temp, top_k=top_k, top_p=top_p,
-                      seed=seed, num=num, prompt_seconds=prompt_seconds, at=at, out=out_path,
-                      only_new=only_new, join=join, force=force, engine=engine, device=device,
-                      progress=not quiet)
+    streaming = out_path is not None and str(out_path) == "-"
+    try:
+        r = continue_song(song, path, seconds=seconds, temperature=temps, top_k=top_ks,
+                          top_p=top_ps, seed=seed, num=num, prompt_seconds=prompt_seconds, at=at,
+                          out=out_path, only_new=only_new, join=join, match_level=match_level,
+                          page=page, force=force, engine=engine, device=device,
+                          progress=not quiet)
+    except StreamClosed as e:
+        _note(f"stopped: {e}")
+        return
+    speed = (f"{r['seconds_new'] * max(1, len(r['outputs'])):.1f} s of new audio in "
+             f"{r['elapsed_s']:.1f} s including the prompt read and any first-run compile; "
+             f"generation ran at {r['real_time_factor']:.2f}x real time (engine {r['engine']})")
+    if streaming:  # standard output is the audio: everything else goes to stderr
+        v = r["variations"][0]
+        _say(f"streamed {r['prompt_seconds']:.2f} s of prompt and {speed}; seed {v['seed']}, "
+             f"temp {v['temperature']:g}, top-k {v['top_k']}, top-p {v['top_p']:g} (the same "
+             "options with --out FILE.wav write the same samples)")
+        return
     for p in r["outputs"]:
         out.print(f"wrote {one_line(p)} (+ {one_line(Path(p).with_suffix('.json').name)})",
                   highlight=False)
-    out.print(f"{r['seconds_new'] * len(r['outputs']):.1f} s of new audio in "
-              f"{r['elapsed_s']:.1f} s "
-              f"including the prompt read and any first-run compile; generation ran at "
-              f"{r['real_time_factor']:.2f}x real time (engine {r['engine']})", highlight=False)
+    if r["page"]:
+        out.print(f"wrote {one_line(r['page'])} (+ {one_line(Path(r['prompt_file']).name)}): "
+                  "open it in a browser to compare them", highlight=False)
+    out.print(speed, highlight=False)
+    for v in r["variations"]:
+        if v["level"]["warnings"]:
+            _say(f"warning: {Path(v['output']).name}: {'; '.join(v['level']['warnings'])}")
 
 
 # ------------------------------------------------------------------------------------------------

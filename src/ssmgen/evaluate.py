@@ -72,10 +72,32 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_l
                         progress=progress)
 
 
+def _run_folder(checkpoint_path: str | Path) -> Path | None:
+    """The run folder a checkpoint lives in (RUN/checkpoints/NAME.pt of a marked run), if any:
+    where the classical line is cached."""
+    from ssmgen.workspace import is_run
+
+    p = Path(checkpoint_path)
+    run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return run if is_run(run) else None
+
+
+def classical_for(dataset: Dataset, split: str, checkpoint_path: str | Path, *,
+                  max_samples: int | None = None, extra=None) -> dict | None:
+    """The classical LPC coder's line for the same tokens (`ssmgen.classical`), cached in the
+    checkpoint's run folder when it has one; None when the dataset has no train split."""
+    from ssmgen.classical import classical_line
+
+    return classical_line(dataset, split, max_samples=max_samples,
+                          cache_dir=_run_folder(checkpoint_path), extra=extra)
+
+
 def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | None = None,
              chunk_len: int | None = None, device: str = "auto", max_samples: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`)."""
+             progress: bool = True, classical: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`).
+    `classical`: also score the same positions with the classical LPC coder fitted on the
+    dataset's train split (result['classical'])."""
     from ssmgen.checkpoint import load_model
 
     if split not in SPLITS:
@@ -103,15 +125,20 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
                             progress=progress)
     result.update({"split": split, "checkpoint": ckpt["path"], "dataset": str(data_dir),
                    "step": int(ckpt.get("step", 0)), "chunk_len": length})
+    if classical:
+        result["classical"] = classical_for(dataset, split, ckpt["path"],
+                                            max_samples=max_samples)
     return result
 
 
 def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len: int | None = None,
-                   device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                   device: str = "auto", progress: bool = True,
+                   classical: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on audio files (any format, rate and channels), each read exactly as
     training files were (`audio.read_song_tokens`) and scored as an eval split is, in chunks of
     `chunk_len` (default: the training chunk). Returns the overall figures and one entry per file
-    under 'files'."""
+    under 'files'. `classical`: when the checkpoint's dataset is here, the classical LPC coder
+    fitted on its train split scores the same files (result['classical'])."""
     from ssmgen.audio import probe, read_song_tokens
     from ssmgen.checkpoint import load_model
 
@@ -139,4 +166,10 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
         result[key] = sum(r[key] * r["samples"] for r in per_file) / n
     result.update({"checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
                    "chunk_len": length, "files": per_file})
+    data_dir = Path(ckpt.get("dataset") or "")
+    if classical and ckpt.get("dataset") and data_dir.is_dir():
+        dataset = Dataset(data_dir)
+        if dataset.data_format() == fmt:
+            result["classical"] = classical_for(dataset, "files", ckpt["path"],
+                                                extra=[t for _, t in songs])
     return result

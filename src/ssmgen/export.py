@@ -49,8 +49,8 @@ from ssmgen.validate import number
 
 DEFAULT_OPSET = 20
 N_TOKENS = 256
-NOISE_RECIPE = ("per batch row b: numpy Generator(PCG64(seed_b)) with seed_b = "
-                "SeedSequence(seed, spawn_key=(b,)).generate_state(1, uint64)[0]; per step draw "
+NOISE_RECIPE = ("per batch row b: numpy Generator(PCG64(seed + b)) (variation b of `ssmgen "
+                "continue --seed seed` is `--seed seed+b --num 1`); per step draw "
                 "random((1, 256)) float64 u, noise = float32(-log(-log(u))); only generated steps "
                 "consume noise (prompt steps do not)")
 

@@ -349,7 +349,8 @@ class Trainer:
             self.checkpoint("last", val)
             if val is None or val["bpb"] <= self.best:
                 self.checkpoint("best", val)
-            _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device)
+            _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device,
+                       self.classical)
         if self.world > 1:
             _sync_schedule(self.schedule)
         self.t_log, self.n_log = time.perf_counter(), 0
@@ -372,11 +373,16 @@ class Trainer:
                 import torch.distributed as dist
                 dist.destroy_process_group()
             raise
-        created, self.saved = False, False
+        created, self.saved, self.classical = False, False, None
         if self.is_main:
             created = self._open_run()
+<<<<<<< HEAD
             _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None,
                       self.init["path"] if self.init else None)
+=======
+            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None)
+            self.classical = _classical(self.run_dir, self.dataset, cfg)
+>>>>>>> listen
         try:
             return self._loop(world, rank)
         except BaseException:
@@ -514,15 +520,31 @@ def _sync_schedule(schedule: Schedule) -> None:
     schedule.scale, schedule.best, schedule.bad = float(t[0]), float(t[1]), int(t[2])
 
 
-def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device) -> None:
-    """A short continuation of a fixed validation prompt, and the refreshed listening page."""
+def _classical(run: Path, dataset: Dataset, cfg: Config) -> dict | None:
+    """The classical coder's line on the validation positions, for the run's page: computed once
+    before the first step (then read back from run/classical.json), so no validation waits on
+    it. None without a validation split, or (with a warning) if it cannot be computed."""
+    from ssmgen.classical import classical_line
+    if not dataset.split_samples("val"):
+        return None
+    try:
+        return classical_line(dataset, "val", max_samples=cfg.train.val_max_samples,
+                              cache_dir=run)
+    except (UserError, OSError, ValueError, np.linalg.LinAlgError) as e:
+        log.warning("no classical line on the run's page: %s", e)
+        return None
+
+
+def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device,
+               classical: dict | None = None) -> None:
+    """A short continuation of a fixed validation prompt, and the refreshed page."""
     from ssmgen.report import write_index, write_listening_sample
     if cfg.train.sample_seconds > 0:  # 0 turns listening samples off
         try:
             write_listening_sample(run, model, dataset, cfg, step, device)
         except UserError as e:
             log.warning("no listening sample at step %d: %s", step, e)
-    write_index(run)
+    write_index(run, classical)
 
 
 def _append_metrics(path: Path, step, seconds, optimizer, loss, rate, val) -> None:

@@ -37,6 +37,15 @@ def number(name: str, value: Any, *, low: float | None = None, high: float | Non
     return value
 
 
+def short_number(v: float | int) -> str:
+    """A number as written on a command line or in a file name: the shortest text that reads back
+    as the same float (0.7, 1, 1e-05), so that a command made from it reproduces it exactly."""
+    if isinstance(v, int):
+        return str(v)
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _range_text(low, high, low_open: bool, high_open: bool) -> str:
     if high is not None and high >= 1e9:  # a bound against overflow, not a meaningful limit
         high = None

@@ -252,7 +252,7 @@ class CpuFastEngine:
                 pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
             t_start = time.perf_counter()
             K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, t + done, m,
-                        noise, sampler.inv_temperature, sampler.top_k, sampler.top_p, out, done,
+                        noise, sampler.inv_temperatures, sampler.top_ks, sampler.top_ps, out, done,
                         want, lbuf, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - t_start

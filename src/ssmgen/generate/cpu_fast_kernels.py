@@ -394,7 +394,8 @@ def select_token(L, g, inv_temp, top_k, top_p, z, srt):
 def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_temp, top_k, top_p,
               out, out_col, want_logits, logits_out, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt):
     """n steps of the model from absolute step t0: feed tok (B,), sample, feed the sample.
-    Writes tokens to out[b, out_col + s] and (if want_logits) logits to logits_out[s, b]."""
+    Writes tokens to out[b, out_col + s] and (if want_logits) logits to logits_out[s, b].
+    Sampling settings are per row: inv_temp (B,) float64, top_k (B,) int64, top_p (B,) float64."""
     B = tok.shape[0]
     cap = ci[C_CAP]
     T = ci[C_T]
@@ -483,6 +484,6 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             lg = Lg[b * 256:(b + 1) * 256]
             if want_logits:
                 logits_out[s, b, :] = lg
-            k = select_token(lg, noise[s, b], inv_temp, top_k, top_p, zs, srt)
+            k = select_token(lg, noise[s, b], inv_temp[b], top_k[b], top_p[b], zs, srt)
             tok[b] = k
             out[b, out_col + s] = k

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ssmgen.errors import UserError
-from ssmgen.generate.sampling import Sampler, select_torch
+from ssmgen.generate.sampling import RowSettings, Sampler, select_rows
 from ssmgen.model import ModelState, SaShiMi
 
 CHUNK = 1024  # noise uploaded, tokens downloaded and progress reported per CHUNK samples
@@ -42,16 +42,18 @@ class CudaGraphEngine:
         self._captured: dict[tuple, tuple] = {}
 
     # --- eager steps (outside frames) ------------------------------------------------------------
-    def _eager(self, state: ModelState, token: torch.Tensor, noise: torch.Tensor, args: tuple):
+    def _eager(self, state: ModelState, token: torch.Tensor, noise: torch.Tensor,
+               rows: RowSettings):
         logits, state = self.model.step(token, state)
-        return select_torch(logits, noise, *args), state
+        return select_rows(logits, noise, rows), state
 
     # --- capture ----------------------------------------------------------------------------------
-    def _graph(self, template: ModelState, args: tuple):
+    def _graph(self, template: ModelState, key: tuple, rows: RowSettings):
         """(graph, static state dict, static token, static noise, static tokens out) for the
-        sampling settings `args`, captured on first use."""
-        if args in self._captured:
-            return self._captured[args]
+        per-row sampling settings `key` (`Sampler.key()`; `rows` on this device, built before
+        capture so that nothing is copied from the host inside it), captured on first use."""
+        if key in self._captured:
+            return self._captured[key]
         B, F = self.batch_size, self.frame
         st = {k: v.clone() for k, v in template.tensors.items()}
         tok = torch.full((B,), 128, dtype=torch.long, device=self.device)
@@ -61,7 +63,7 @@ class CudaGraphEngine:
         def frame() -> None:
             state, token = ModelState(0, dict(st)), tok
             for i in range(F):
-                token, state = self._eager(state, token, noise[i], args)
+                token, state = self._eager(state, token, noise[i], rows)
                 out[:, i] = token
             for k, v in state.tensors.items():
                 st[k].copy_(v)
@@ -82,8 +84,8 @@ class CudaGraphEngine:
         except RuntimeError as e:
             raise UserError(f"engine 'cuda-graph': capture failed ({e}); use --engine torch") \
                 from None
-        self._captured[args] = (graph, st, tok, noise, out)
-        return self._captured[args]
+        self._captured[key] = (graph, st, tok, noise, out)
+        return self._captured[key]
 
     # --- generation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -93,7 +95,7 @@ class CudaGraphEngine:
         B, F = len(first_token), self.frame
         if B != self.batch_size:
             raise ValueError(f"engine built for batch {self.batch_size}, got {B} rows")
-        args = (sampler.inv_temperature, sampler.top_k, sampler.top_p)
+        key, rows = sampler.key(), sampler.rows(self.device)
         state = ModelState(state.t, {k: v.to(self.device) for k, v in state.tensors.items()})
         token = torch.as_tensor(np.asarray(first_token, np.int64), device=self.device)
         out = np.empty((B, n), np.uint8)
@@ -106,7 +108,7 @@ class CudaGraphEngine:
             while i < m:
                 if state.t % F == 0 and m - i >= F:  # a whole frame from a boundary: replay
                     if not synced:  # (re)load the graph's static buffers from the state
-                        graph, st, tok, noise, frame_out = self._graph(state, args)
+                        graph, st, tok, noise, frame_out = self._graph(state, key, rows)
                         for k, v in state.tensors.items():
                             st[k].copy_(v)
                         tok.copy_(token)
@@ -118,7 +120,7 @@ class CudaGraphEngine:
                     token = tok
                     i += F
                 else:  # eager (model.step is functional): before a boundary, or a short tail
-                    token, state = self._eager(state, token, g[i], args)
+                    token, state = self._eager(state, token, g[i], rows)
                     pieces.append(token.unsqueeze(1))
                     synced = False
                     i += 1
