@@ -376,13 +376,9 @@ class Trainer:
         created, self.saved, self.classical = False, False, None
         if self.is_main:
             created = self._open_run()
-<<<<<<< HEAD
             _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None,
                       self.init["path"] if self.init else None)
-=======
-            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None)
             self.classical = _classical(self.run_dir, self.dataset, cfg)
->>>>>>> listen
         try:
             return self._loop(world, rank)
         except BaseException:
