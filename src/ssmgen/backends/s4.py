@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 from ssmgen.backends.cauchy import cauchy
+from ssmgen.backends.fftconv import causal_conv
 
 # ------------------------------------------------------------------------------------------------
 # Initialization
@@ -158,13 +159,6 @@ def _lowrank(a: Tensor, P: Tensor) -> Tensor:
 def _matvec(M: Tensor, v: Tensor) -> Tensor:
     """(H, n, n) @ (..., H, n) -> (..., H, n)."""
     return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT, zero-padded to 2L (no wrap-around)."""
-    L = u.shape[-1]
-    n = 2 * L
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
+from ssmgen.backends.fftconv import causal_conv
 
 # ------------------------------------------------------------------------------------------------
 # Vandermonde products (shared with other diagonal layers)
@@ -82,13 +83,6 @@ def vandermonde_naive(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> T
     """Reference for `vandermonde`: builds the full (..., N, L) power table."""
     l = torch.arange(L, device=log_z.device, dtype=log_z.real.dtype) + offset
     return (coef.unsqueeze(-1) * torch.exp(log_z.unsqueeze(-1) * l)).sum(-2).real
-
-
-def causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT (zero-padded to 2L: no wrap-around)."""
-    L = u.shape[-1]
-    n = 2 * L
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
 
 
 # ------------------------------------------------------------------------------------------------
