@@ -163,3 +163,87 @@ def test_kernel_cache_drops_entries_of_old_parameters():
         layer.log_dt.add_(0.1)
         layer(torch.randn(1, 8, H))
     assert list(layer._step_caches) == ["kernel:8"]  # the three old kernels are gone
+
+
+# --- the fast-step contract (what the cpu-fast engine packs) --------------------------------------
+
+def layout_step(kind: str, k: dict, x: torch.Tensor, state):
+    """One step from a `fast_step()` dict by the formula its layout states (FAST_LAYOUTS[kind].doc),
+    written out in plain torch: what the cpu-fast kernel of `kind` computes, as a reference."""
+    if kind == "s4d":  # s' = dA s + dB u, y = Re(2C s') + D u
+        dA = torch.complex(k["dA_re"], k["dA_im"])
+        s = dA * torch.complex(*state) + torch.complex(k["dB_re"], k["dB_im"]) * x.unsqueeze(-1)
+        y = (torch.complex(k["C2_re"], k["C2_im"]) * s).real.sum(-1) + k["D"] * x
+        return y, (s.real, s.imag)
+    if kind == "s4":  # the Woodbury step of the layout's doc
+        c = lambda n: torch.complex(k[n + "_re"], k[n + "_im"])  # noqa: E731
+        P, G, GP = c("P"), c("G"), c("GP")  # (R, N2), (H, N2), (H, R, N2)
+        s = torch.complex(*state)  # (B, H, N2)
+        a = 2 * torch.einsum("rn,bhn->bhr", P.conj(), s).real
+        w = c("E") * s - torch.einsum("bhr,rn->bhn", a.to(s.dtype), P) + c("B2") * x.unsqueeze(-1)
+        v = G * w
+        cv = 2 * torch.einsum("rn,bhn->bhr", P.conj(), v).real
+        coef = torch.einsum("hrq,bhq->bhr", k["Sinv"], cv)
+        s = v - torch.einsum("bhr,hrn->bhn", coef.to(v.dtype), GP)
+        return (c("C2") * s).real.sum(-1) + k["D"] * x, (s.real, s.imag)
+    if kind == "mamba":
+        conv, h = state
+        E, K = k["conv_w"].shape
+        N = k["A"].shape[1]
+        xz = x @ k["in_proj_w"] + k["in_proj_b"]
+        xi, z = xz[:, :E], xz[:, E:]
+        window = torch.cat([conv, xi.unsqueeze(-1)], -1)  # the newest input last
+        xc = torch.nn.functional.silu((window * k["conv_w"]).sum(-1) + k["conv_b"])
+        dbc = xc @ k["x_proj_w"] + k["x_proj_b"]
+        R = dbc.shape[1] - 2 * N
+        dt = torch.nn.functional.softplus(dbc[:, :R] @ k["dt_proj_w"] + k["dt_proj_b"])
+        Bv, Cv = dbc[:, R:R + N], dbc[:, R + N:]
+        h = torch.exp(dt.unsqueeze(-1) * k["A"]) * h + (dt * xc).unsqueeze(-1) * Bv.unsqueeze(1)
+        y = ((h * Cv.unsqueeze(1)).sum(-1) + k["D"] * xc) * torch.nn.functional.silu(z)
+        return y @ k["out_proj_w"] + k["out_proj_b"], (window[..., 1:], h)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fast_step_follows_its_layout_and_is_the_step(name):
+    from ssmgen.backends.base import FAST_LAYOUTS, check_fast_step
+
+    layer = make(name, torch.float64)
+    kind = layer.fast_kind
+    assert kind in FAST_LAYOUTS
+    with torch.no_grad():
+        k = layer.fast_step()
+        dims = check_fast_step(kind, k, H)
+        assert dims["H"] == H and set(dims) == {"H", *FAST_LAYOUTS[kind].dims}
+        assert list(k) == FAST_LAYOUTS[kind].names()  # packing order
+        x = torch.randn(B, 5, H, dtype=torch.float64)
+        s = s_ref = tuple(0.3 * torch.randn_like(t)
+                          for t in layer.initial_state(B, dtype=torch.float64))
+        for t in range(x.shape[1]):
+            y, s = layer.step(x[:, t], s)
+            y_ref, s_ref = layout_step(kind, k, x[:, t], s_ref)
+            torch.testing.assert_close(y_ref, y, atol=1e-10, rtol=1e-9)
+        for a, b in zip(s_ref, s):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+        for p in layer.ssm_parameters() or list(layer.parameters()):  # never stale
+            p.mul_(1.2)
+        k2 = layer.fast_step()
+    assert any(not torch.equal(k[n], k2[n]) for n in k)
+
+
+def test_check_fast_step_names_the_wrong_field():
+    from ssmgen.backends.base import check_fast_step
+
+    layer = make("s4d")
+    with torch.no_grad():
+        k = dict(layer.fast_step())
+    with pytest.raises(ValueError, match="lacks 'D'"):
+        check_fast_step("s4d", {n: v for n, v in k.items() if n != "D"}, H)
+    with pytest.raises(ValueError, match="unknown field 'E'"):
+        check_fast_step("s4d", {**k, "E": k["D"]}, H)
+    with pytest.raises(ValueError, match=r"'dB_im' has shape \(6, 7\)"):
+        check_fast_step("s4d", {**k, "dB_im": torch.zeros(H, 7)}, H)
+    with pytest.raises(ValueError, match=r"'dA_re' has shape \(6, 8\).*\(7, 8\)"):
+        check_fast_step("s4d", k, H + 1)  # H is the layer's width
+    with pytest.raises(ValueError, match="real float"):
+        check_fast_step("s4d", {**k, "C2_re": torch.zeros(H, 8, dtype=torch.complex64)}, H)

@@ -15,10 +15,11 @@ from ssmgen.model import SaShiMi
 B = 2
 
 
-def tiny(name, seed=0):
+def tiny(name, seed=0, pool=None):
     require_backend(name)
     torch.manual_seed(seed)
-    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2"]).model
+    extra = [f"model.pool={pool}", "train.sample_len=2112"] if pool else []  # 2112 = 96 * 22
+    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2", *extra]).model
     return perturb(SaShiMi(cfg), scale=0.05, seed=seed).eval()
 
 
@@ -59,6 +60,20 @@ def test_cpu_fast_matches_torch(name, sampling):
     assert np.abs(ref[2] - fast[2]).max() <= 1e-4
     assert_states_close(ref[1], fast[1])
     assert fast[1].t == 37 + n
+
+
+@pytest.mark.parametrize("name,pool", [("s4d", [2, 3]), ("mamba", [4, 2, 2]), ("s4", [3, 1, 2])])
+def test_cpu_fast_matches_torch_with_other_pools(name, pool):
+    """The kernel takes the model's schedule as a table, whatever the pools."""
+    model = tiny(name, pool=pool)
+    tokens, state = prompt_state(model, length=29)
+    first = tokens[:, -1].numpy()
+    n = 5 * model.frame + 3
+    ref = run("torch", model, state, first, n, Sampler(seed=3, batch_size=B))
+    fast = run("cpu-fast", model, state, first, n, Sampler(seed=3, batch_size=B))
+    np.testing.assert_array_equal(ref[0], fast[0])
+    assert np.abs(ref[2] - fast[2]).max() <= 1e-4
+    assert_states_close(ref[1], fast[1])
 
 
 def test_cpu_fast_continues_across_calls_and_rows_are_independent_of_batch():
@@ -104,6 +119,56 @@ def test_registry():
         create_engine("nope", model, 1, "cpu")
     with pytest.raises(UserError, match="cuda-graph.*CUDA"):
         create_engine("cuda-graph", model, 1, "cpu")
+
+
+# --- the fast-step contract: what a plug-in must give the cpu-fast engine -------------------------
+
+def plugin_model(name, cls):
+    from ssmgen import backends
+    backends.register(name, cls)
+    torch.manual_seed(0)
+    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2"]).model
+    return perturb(SaShiMi(cfg), scale=0.05).eval()
+
+
+def test_a_plugin_is_packed_by_its_fast_kind_alone():
+    """A class the engine has never heard of, with the "s4d" form and a fast_step of its own,
+    runs on cpu-fast and matches torch; the same layer without a fast_kind runs on torch only."""
+    from ssmgen.backends.s4d import S4D
+
+    class Diagonal(S4D):  # another class: packed because it says "s4d" and follows the layout
+        pass
+
+    class Opaque(S4D):
+        fast_kind = None
+
+    model = plugin_model("diagonal-test", Diagonal)
+    tokens, state = prompt_state(model, length=21)
+    first = tokens[:, -1].numpy()
+    ref = run("torch", model, state, first, 40, Sampler(seed=1, batch_size=B))
+    fast = run("cpu-fast", model, state, first, 40, Sampler(seed=1, batch_size=B))
+    np.testing.assert_array_equal(ref[0], fast[0])
+
+    opaque = plugin_model("opaque-test", Opaque)
+    assert create_engine("auto", opaque, 1, "cpu").name == "torch"
+    with pytest.raises(UserError, match="declares no step form") as e:
+        create_engine("cpu-fast", opaque, 1, "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_a_fast_step_off_its_layout_is_refused_in_one_line():
+    from ssmgen.backends.s4d import S4D
+
+    class Wrong(S4D):
+        def fast_step(self):
+            k = dict(super().fast_step())
+            k["dB_im"] = k["dB_im"][:, :-1]
+            return k
+
+    model = plugin_model("wrong-test", Wrong)
+    with pytest.raises(UserError, match="backend Wrong: .*'dB_im' has shape") as e:
+        create_engine("cpu-fast", model, 1, "cpu")
+    assert "\n" not in str(e.value)
 
 
 # --- cuda-graph against the torch reference (where a GPU exists) ---------------------------------

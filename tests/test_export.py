@@ -41,6 +41,9 @@ def test_export_matches_torch_over_2048_steps(tmp_path, backend):
     assert r["max_logit_diff"] <= 1e-4
     assert r["backend"] == backend and r["graph"] == "block"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt"]  # no temp file left
+    # The block graph is `model.step` traced as it is: its pool buffers must stay scatter-free.
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert not ops & {"ScatterND", "ScatterElements", "Scatter"}, ops
 
     # An independent run at batch 1 (verification ran at batch 2), forced then sampled.
     model, _ = load_model(ckpt)

@@ -17,13 +17,14 @@ LAYERS = {
     "generate.continuation": 5, "generate.page": 5,
     "checkpoint": 4, "generate.engines": 4, "generate.torch_engine": 4, "generate.cpu_fast": 4,
     "generate.cpu_fast_kernels": 4, "generate.cuda_graph": 4, "generate.sampling": 4,
-    "generate": 4,
+    "generate.base": 4, "generate": 4,
     "model": 3,
     "backends": 2, "backends.base": 2, "backends.s4": 2, "backends.s4d": 2, "backends.mamba": 2,
     "backends.cauchy": 2, "backends.selective_scan": 2, "backends.selective_scan_cpu": 2,
+    "backends.fftconv": 2,
     "config": 2, "workspace": 2, "prep_files": 2, "testing": 2,
     "data": 1, "audio": 1, "atomic": 1, "validate": 1, "runtime": 1, "progress": 1,
-    "vecmath": 1, "listen": 1, "classical": 1, "errors": 0, "__init__": 0,
+    "vecmath": 1, "listen": 1, "classical": 1, "errors": 0, "tokens": 0, "__init__": 0,
 }
 
 

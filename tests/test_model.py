@@ -1,11 +1,14 @@
 """The SaShiMi model: exact sizes, and the three modes agreeing for every backend."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from helpers import BACKENDS, DEVICES, perturb, require_backend
 from ssmgen.config import load_config
-from ssmgen.model import SaShiMi, count_parameters
+from ssmgen.model import SaShiMi, count_parameters, tier_schedule
 
 
 @pytest.mark.parametrize("preset,expected", [("ablated", 1_289_600), ("sashimi", 4_072_448)])
@@ -23,10 +26,11 @@ def test_every_preset_builds_with_every_backend(preset, name):
     assert logits.shape == (1, 32, 256) and torch.isfinite(logits).all()
 
 
-def tiny(name, dtype=torch.float32):
+def tiny(name, dtype=torch.float32, pool=None):
     require_backend(name)
     torch.manual_seed(0)
-    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2"]).model
+    extra = [f"model.pool={pool}", f"train.sample_len={96 * math.prod(pool)}"] if pool else []
+    cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2", *extra]).model
     return perturb(SaShiMi(cfg), scale=0.05).to(dtype).eval()
 
 
@@ -107,3 +111,54 @@ def test_state_names_are_stable_and_complete():
     assert state.names() == model.state_names()
     assert {"down0", "down1", "up0", "up1", "center.0.re", "tier0.1.im"} <= set(state.names())
     assert all(v.shape[0] == 3 and not v.is_complex() for v in state.tensors.values())
+
+
+# --- the tier schedule ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", [[4, 4], [2, 3, 4], [1, 4], [4], [3, 1, 2]])
+def test_tier_schedule_is_the_definition(pool):
+    """Against a simulation from the definition: tier i runs at step t iff (t + 1) is a multiple of
+    P_0 ... P_(i-1); each pool counts the inputs it holds and empties when it pools."""
+    frame = math.prod(pool)
+    held = [0] * len(pool)
+    steps = np.arange(3 * frame + 5)
+    table_top, table_pos = tier_schedule(pool, steps)  # numpy form: the cpu-fast table
+    for t in steps.tolist():
+        runs = [(t + 1) % math.prod(pool[:i]) == 0 for i in range(len(pool) + 1)]
+        top, pos = tier_schedule(pool, t)
+        assert isinstance(top, int) and all(isinstance(k, int) for k in pos)
+        assert top == max(i for i, r in enumerate(runs) if r) and all(runs[:top + 1])
+        for i in range(top + 1 if top < len(pool) else len(pool)):  # the pools written now
+            assert pos[i] == held[i]  # the slot written is the count already held
+            held[i] += 1
+            assert (held[i] == pool[i]) == (i < top)  # full exactly when the next tier runs
+            held[i] %= pool[i]
+        assert table_top[t] == top and [p[t] for p in table_pos] == pos
+        t_top, t_pos = tier_schedule(pool, torch.tensor(t))  # tensor form: the single-step graph
+        assert int(t_top) == top and [int(k) for k in t_pos] == pos
+
+
+def test_schedule_table_rows_are_the_schedule():
+    model = tiny("s4d")
+    table = model.schedule_table(13, 40)
+    assert table.dtype == np.int64 and table.shape == (40, 1 + len(model.cfg.pool))
+    for s, row in enumerate(table):
+        top, pos = model.schedule(13 + s)
+        assert row.tolist() == [top, *pos]
+
+
+@pytest.mark.parametrize("pool", [[2, 3], [4, 2, 2]])
+def test_other_pools_parallel_step_and_prompt_read_agree(pool):
+    model = tiny("s4d", pool=pool)
+    F = model.frame
+    tokens = torch.randint(0, 256, (2, 4 * F + 3))
+    with torch.no_grad():
+        parallel = model(tokens)
+        stepped, ref_state = step_all(model, tokens, model.initial_state(2))
+        assert (parallel - stepped).abs().max().item() <= 1e-4
+        for cut in (F + 1, 2 * F):
+            head, state = model.forward_with_state(tokens[:, :cut], model.initial_state(2))
+            tail, state = step_all(model, tokens[:, cut:], state)
+            assert (torch.cat([head, tail], 1) - stepped).abs().max().item() <= 1e-4
+            for k in ref_state.tensors:
+                assert (state.tensors[k] - ref_state.tensors[k]).abs().max().item() <= 1e-4, k

@@ -18,9 +18,9 @@ import soxr
 
 from ssmgen.atomic import write_bytes, write_text
 from ssmgen.errors import UserError
+from ssmgen.tokens import SILENCE_TOKEN
 
 MU = 255  # mu-law constant for 8-bit audio, as in the SaShiMi reference
-SILENCE_TOKEN = 128  # both codecs map 0.0 to this token and back
 ENCODINGS = ("mulaw", "linear")
 NORMALIZATIONS = ("peak", "none")
 BLOCK_FRAMES = 1 << 18  # decode this many frames at a time: bounded memory for any file length

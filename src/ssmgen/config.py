@@ -22,6 +22,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ssmgen.errors import UserError
+from ssmgen.tokens import N_TOKENS
 from ssmgen.validate import bounded_size, number
 
 
@@ -34,7 +35,7 @@ class ModelConfig:
     ff_expand: int = 2
     glu: bool = False
     dropout: float = 0.0
-    n_tokens: int = 256
+    n_tokens: int = N_TOKENS
     backend: str = "s4"
     backend_options: dict[str, dict] = field(default_factory=dict)
     #: Training length at the finest tier (a backend's `l_max` at each rate: S4 parameterizes its
@@ -170,8 +171,8 @@ def _check(cfg: Config, source: str) -> None:
                 raise UserError(f"{source}: {e}") from None
     if not 1 <= len(m.pool) <= 6:
         raise UserError(f"{source}: model.pool = {m.pool}: give 1 to 6 pooling factors")
-    if m.n_tokens != 256:
-        raise UserError(f"{source}: model.n_tokens = {m.n_tokens}: only 8-bit tokens (256) "
+    if m.n_tokens != N_TOKENS:
+        raise UserError(f"{source}: model.n_tokens = {m.n_tokens}: only 8-bit tokens ({N_TOKENS}) "
                         "are supported")
     if t.sample_len % m.frame:
         raise UserError(f"{source}: {field_name('train.sample_len')} = {t.sample_len} must be a "

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from ssmgen.errors import UserError
+from ssmgen.tokens import SILENCE_TOKEN
 
-SILENCE_TOKEN = 128
 SPLITS = ("train", "val", "test")
 FORMAT = "ssmgen-dataset"  # a dataset's manifest.json says so
 FORMAT_VERSION = 1
@@ -197,7 +197,7 @@ def token_chunks(tokens: np.ndarray, length: int) -> Iterator[tuple[np.ndarray, 
 
 
 def shift_inputs(targets: np.ndarray) -> np.ndarray:
-    """Inputs for next-token prediction: targets shifted right by one, silence (128) first."""
+    """Inputs for next-token prediction: targets shifted right by one, silence first."""
     inputs = np.empty_like(targets)
     inputs[..., 0] = SILENCE_TOKEN
     inputs[..., 1:] = targets[..., :-1]

@@ -19,9 +19,12 @@ Sampling is Gumbel-max, ``argmax(logits * inv_temperature + noise)``, exactly as
 (``tier0.0.re``, ..., ``down0``, ``up0``, ...); batch is a dynamic axis. Everything a consumer needs
 (rate, encoding, normalization, state shapes, the noise recipe) is in the model's metadata_props.
 
-The graph is exported with the TorchScript tracer (``dynamo=False``): the step is a fixed, unrolled
-sequence of real ops, which is exactly what tracing captures, and the step caches (discretized
-parameters) are computed once beforehand and enter the graph as constants. The parallel prompt read
+The graph is exported with the TorchScript tracer (``dynamo=False``): the block graph is
+`SaShiMi.step` itself, looped over a frame at static phases (the model's own schedule), a fixed,
+unrolled sequence of real ops, which is exactly what tracing captures; the single-step graph runs
+the same operations with the schedule evaluated on the phase tensor (`masked_step`). The step
+caches (discretized parameters) are computed once beforehand and enter the graph as constants
+(`frozen_step_caches`). The parallel prompt read
 (`forward_with_state`) is not exported: it uses FFTs (S4, S4D) that the exporters do not cover, so
 prompts are read through the block graph with forced tokens.
 """
@@ -45,14 +48,15 @@ from torch import Tensor, nn
 from ssmgen import __version__
 from ssmgen.atomic import atomic_output, check_output
 from ssmgen.errors import UserError
+from ssmgen.model import ModelState
+from ssmgen.tokens import N_TOKENS, SILENCE_TOKEN
 from ssmgen.validate import number
 
 DEFAULT_OPSET = 20
-N_TOKENS = 256
 NOISE_RECIPE = ("per batch row b: numpy Generator(PCG64(seed + b)) (variation b of `ssmgen "
                 "continue --seed seed` is `--seed seed+b --num 1`); per step draw "
-                "random((1, 256)) float64 u, noise = float32(-log(-log(u))); only generated steps "
-                "consume noise (prompt steps do not)")
+                f"random((1, {N_TOKENS})) float64 u, noise = float32(-log(-log(u))); only "
+                "generated steps consume noise (prompt steps do not)")
 
 
 class ExportVerificationError(RuntimeError):
@@ -71,7 +75,11 @@ def select(logits: Tensor, noise: Tensor, inv_temperature: Tensor) -> Tensor:
 
 
 class BlockGraph(nn.Module):
-    """One frame of `model.frame` steps from phase 0, sampling and forced tokens included."""
+    """One frame of `model.frame` steps from phase 0, sampling and forced tokens included: simply
+    `model.step` looped, so the schedule is the model's own and static (python ints) for each of
+    the frame's steps. `model.step` keeps its pool buffers in a traceable form (constant slot
+    masks, flattens and reshapes by constants), so the graph has no scatter and no shape
+    arithmetic, and batch stays dynamic."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -79,63 +87,15 @@ class BlockGraph(nn.Module):
         self.names = model.state_names()
 
     def forward(self, token, noise, inv_temperature, forced, mask, *states):
-        S = dict(zip(self.names, states))
-        tokens, logits_all, new = frame_steps(self.model, token, S, noise, inv_temperature,
-                                              forced, mask)
-        return (torch.stack(tokens), torch.stack(logits_all), *(new[n] for n in self.names))
-
-
-def frame_steps(model, token: Tensor, S: dict[str, Tensor], noise, inv_temperature, forced, mask):
-    """`model.step` for the `model.frame` steps of one frame from phase 0, written for a lean
-    graph: the schedule is static, pool buffers are python lists of (B, H) pieces (concatenated or
-    sliced, never scattered or reshaped with the batch size), so the graph has no shape arithmetic
-    and batch stays dynamic. Same arithmetic as `model.step` (the export verifies it against that).
-
-    At phase 0 a down buffer's input is never read (each slot is written before the frame that
-    uses it), and after a whole frame every down buffer is empty (zeros), as `model.step` leaves it.
-    """
-    cfg = model.cfg
-    level = len(cfg.pool)
-    new = dict(S)
-    down: list[list] = [[None] * p for p in cfg.pool]
-    ups = [list(S[f"up{i}"].unbind(1)) for i in range(level)]
-    tokens, logits_all = [], []
-    for t in range(model.frame):
-        xs = [model.embedding(token)]
-        period = 1
-        for i, pool in enumerate(model.down):  # which tiers run now, and their inputs
-            pos = (t // period) % cfg.pool[i]
-            down[i][pos] = xs[-1]
-            if pos != cfg.pool[i] - 1:
-                break
-            xs.append(pool.linear(torch.cat(down[i], -1)))
-            period *= cfg.pool[i]
-        top = len(xs) - 1
-        y = _frame_tier(model, level, xs[level], new) if top == level else None
-        period = cfg.frame
-        for i in reversed(range(level)):
-            period //= cfg.pool[i]
-            if i > top:
-                continue
-            pos = (t // period) % cfg.pool[i]
-            piece = ups[i][pos]
-            if y is not None:  # the coarser tier ran: refresh this pool's pieces for next frame
-                z, H = model.up[i].linear(y), model.widths[i]
-                ups[i] = [z[:, j * H:(j + 1) * H] for j in range(cfg.pool[i])]
-            y = _frame_tier(model, i, piece + xs[i], new)
-        logits = model.head(model.norm(y))
-        token = torch.where(mask[t], forced[t], select(logits, noise[t], inv_temperature))
-        tokens.append(token)
-        logits_all.append(logits)
-    for i in range(level):
-        new[f"down{i}"] = torch.zeros_like(S[f"down{i}"])
-        new[f"up{i}"] = torch.stack(ups[i], 1)
-    return tokens, logits_all, new
-
-
-def _frame_tier(model, level: int, x: Tensor, S: dict) -> Tensor:
-    """One step of tier `level`, reading and updating its layer states in S."""
-    return model._step_tier(level, x, S, S)
+        state = ModelState(0, dict(zip(self.names, states)))
+        tokens, logits_all = [], []
+        for i in range(self.model.frame):
+            logits, state = self.model.step(token, state)
+            token = torch.where(mask[i], forced[i], select(logits, noise[i], inv_temperature))
+            tokens.append(token)
+            logits_all.append(logits)
+        return (torch.stack(tokens), torch.stack(logits_all),
+                *(state.tensors[n] for n in self.names))
 
 
 class SingleGraph(nn.Module):
@@ -152,36 +112,27 @@ class SingleGraph(nn.Module):
 
 
 def masked_step(model, token: Tensor, t: Tensor, S: dict[str, Tensor]):
-    """`model.step` with the phase as a tensor: the same arithmetic for the tiers that run, and
-    `torch.where` instead of python branches for the schedule (so one graph serves every phase)."""
-    cfg = model.cfg
+    """`model.step` with the phase as a tensor, for a graph that serves every phase: the schedule
+    is `model.schedule(t)` evaluated on the tensor (the model's one schedule), every tier and pool
+    is computed with `model.step`'s own operations, and `torch.where` keeps what the schedule
+    says did not change (a tier that does not run keeps its states; a pool that is not written
+    or pooled keeps its buffer)."""
+    npool = len(model.cfg.pool)
+    top, pos = model.schedule(t)
+    runs: list[Tensor | None] = [None] + [top >= i for i in range(1, npool + 1)]  # None: always
     new = dict(S)
     xs = [model.embedding(token)]
-    B = xs[0].shape[0]
-    runs: list[Tensor | None] = [None]  # runs[i]: tier i runs at this step (None: always)
-    period = 1
     for i, down in enumerate(model.down):
-        P = cfg.pool[i]
-        pos = torch.div(t, period, rounding_mode="floor") % P
-        at = (torch.arange(P, device=t.device) == pos).reshape(1, P, 1)
         old = S[f"down{i}"]
-        buf = torch.where(at, xs[-1].unsqueeze(1), old)
-        full = pos == P - 1
-        xs.append(down.linear(buf.reshape(B, -1)))
-        written = torch.where(full, torch.zeros_like(buf), buf)
+        buf = down.put(old, xs[-1], pos[i])
+        xs.append(down.pool_buffer(buf))  # used only where tier i + 1 runs
+        written = torch.where(runs[i + 1], torch.zeros_like(buf), buf)
         new[f"down{i}"] = written if runs[i] is None else torch.where(runs[i], written, old)
-        runs.append(full if runs[i] is None else runs[i] & full)
-        period *= P
-    level = len(cfg.pool)
-    y = _masked_tier(model, level, xs[level], S, new, runs[level])
-    period = cfg.frame
-    for i in reversed(range(level)):
-        period //= cfg.pool[i]
-        pos = (torch.div(t, period, rounding_mode="floor") % cfg.pool[i]).reshape(1)
+    y = _masked_tier(model, npool, xs[npool], S, new, runs[npool])
+    for i in reversed(range(npool)):
         old = S[f"up{i}"]
-        piece = old.index_select(1, pos).squeeze(1)
-        fresh = model.up[i].linear(y).reshape(B, cfg.pool[i], -1)
-        new[f"up{i}"] = torch.where(runs[i + 1], fresh, old)
+        piece = model.up[i].piece(old, pos[i])
+        new[f"up{i}"] = torch.where(runs[i + 1], model.up[i].pieces(y), old)
         y = _masked_tier(model, i, piece + xs[i], S, new, runs[i])
     return model.head(model.norm(y)), new
 
@@ -225,7 +176,7 @@ def frozen_step_caches(model):
             m.__dict__["step_cache"] = recorder(m)
         with torch.no_grad():
             state = model.initial_state(1)
-            token = torch.full((1,), 128, dtype=torch.long)
+            token = torch.full((1,), SILENCE_TOKEN, dtype=torch.long)
             for _ in range(model.frame):
                 _, state = model.step(token, state)
         for m in layers:
@@ -311,7 +262,7 @@ def export_onnx(checkpoint, out, *, opset: int = DEFAULT_OPSET, block: bool = Tr
 def _dummy_inputs(model, block: bool, batch: int = 2):
     st = model.initial_state(batch)
     states = tuple(st.tensors.values())
-    token = torch.full((batch,), 128, dtype=torch.long)
+    token = torch.full((batch,), SILENCE_TOKEN, dtype=torch.long)
     if not block:
         return (token, torch.tensor(5, dtype=torch.long), *states)
     F = model.frame
@@ -365,7 +316,7 @@ def _metadata(model, ckpt: dict, opset: int, block: bool) -> dict[str, str]:
         "block_size": str(model.frame),
         "pool": json.dumps(list(model.cfg.pool)),
         "n_tokens": str(model.cfg.n_tokens),
-        "silence_token": "128",
+        "silence_token": str(SILENCE_TOKEN),
         "state_names": json.dumps(model.state_names()),
         "state_shapes": json.dumps(state_shapes(model)),
         "inputs": json.dumps(inputs),
@@ -375,8 +326,9 @@ def _metadata(model, ckpt: dict, opset: int, block: bool) -> dict[str, str]:
         "sampling": "token = argmax(logits * inv_temperature + noise); argmax(logits) when "
                     "inv_temperature == 0; inv_temperature = float32(1 / temperature)",
         "noise": NOISE_RECIPE,
-        "prompt": "inputs of steps 0..T-1 are 128 then prompt[0..T-2]: start with token 128, "
-                  "forced[i] = prompt[i] with mask true for i < T, then sample",
+        "prompt": f"inputs of steps 0..T-1 are {SILENCE_TOKEN} then prompt[0..T-2]: start with "
+                  f"token {SILENCE_TOKEN}, forced[i] = prompt[i] with mask true for i < T, then "
+                  "sample",
     }
 
 
@@ -431,7 +383,7 @@ def verify(model, path, *, block: bool = True, steps: int = 2048, batch: int = 2
 
     state = model.initial_state(batch)
     ort_states = [v.numpy().copy() for v in state.tensors.values()]
-    token = torch.full((batch,), 128, dtype=torch.long)
+    token = torch.full((batch,), SILENCE_TOKEN, dtype=torch.long)
     ort_token = token.numpy().copy()
     worst = 0.0
     with single_thread():

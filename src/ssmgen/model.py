@@ -16,14 +16,18 @@ Three modes, as for a backend:
   parallel. This is how a prompt is read.
 
 Within a frame of 16 samples the schedule is fixed: the tier at rate L/P runs on the step t with
-(t + 1) % P == 0, which is why the fast engines work in blocks of 16.
+(t + 1) % P == 0, which is why the fast engines work in blocks of 16. That arithmetic is written
+once, in `tier_schedule` (`SaShiMi.schedule`); the eager step, the ONNX graphs, the parallel read's
+pool bookkeeping and the cpu-fast kernel all take the schedule from there.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,16 +145,35 @@ class Tier(nn.Module):
 
 
 class DownPool(nn.Module):
-    """(B, L, H) -> (B, L // pool, H * expand): `pool` consecutive steps into channels, linear."""
+    """(B, L, H) -> (B, L // pool, H * expand): `pool` consecutive steps into channels, linear.
+
+    Recurrently the pool's buffer (B, pool, H) collects one tier input per step in slot `pos`
+    (`put`) and is pooled when full (`pool_buffer`). Both are written without index assignment or
+    reshapes by the batch size (a constant slot mask and `torch.where`, a flatten), so a traced
+    `SaShiMi.step` stays a lean ONNX graph with a dynamic batch."""
 
     def __init__(self, d: int, pool: int, expand: int) -> None:
         super().__init__()
         self.pool = pool
         self.linear = nn.Linear(d * pool, d * expand)
+        # slots[p]: (1, pool, 1) mask of slot p (not a weight: no state_dict entry)
+        self.register_buffer("slots", torch.eye(pool, dtype=torch.bool).reshape(pool, 1, pool, 1),
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[1] // self.pool
         return self.linear(x[:, : n * self.pool].reshape(x.shape[0], n, self.pool * x.shape[2]))
+
+    def put(self, buf: Tensor, x: Tensor, pos: int | Tensor) -> Tensor:
+        """`buf` (B, pool, H) with slot `pos` (a python int, or a 0-d int64 tensor in the ONNX
+        single-step graph) replaced by x (B, H)."""
+        at = self.slots[pos] if isinstance(pos, int) else self.slots.index_select(
+            0, pos.reshape(1))[0]
+        return torch.where(at, x.unsqueeze(1), buf)
+
+    def pool_buffer(self, buf: Tensor) -> Tensor:
+        """The next tier's input (B, H * expand) from a full buffer (B, pool, H)."""
+        return self.linear(buf.flatten(1))
 
 
 class UpPool(nn.Module):
@@ -168,6 +191,54 @@ class UpPool(nn.Module):
         B = x.shape[0]
         frames = torch.cat([prev.reshape(B, 1, -1), self.linear(x)], dim=1)
         return frames.reshape(B, -1, self.d)[:, :length]
+
+    def pieces(self, y: Tensor) -> Tensor:
+        """The pieces (B, pool, H) of one coarse output y (B, H * expand), for the recurrent
+        buffer. The shape is given by constants (-1 for the batch), never by y's batch size, so a
+        traced graph has no shape arithmetic."""
+        return self.linear(y).reshape(-1, self.pool, self.d)
+
+    @staticmethod
+    def piece(buf: Tensor, pos: int | Tensor) -> Tensor:
+        """Piece `pos` (B, H) of a buffer (B, pool, H); `pos` a python int or a 0-d tensor."""
+        if isinstance(pos, int):
+            return buf[:, pos]
+        return buf.index_select(1, pos.reshape(1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tier schedule
+# ------------------------------------------------------------------------------------------------
+
+def tier_schedule(pool: Sequence[int], t):
+    """What the recurrent step does at step `t` (samples consumed before it), for pooling factors
+    `pool`: `(top, pos)`.
+
+    - ``pos[i] = (t // (pool[0] * ... * pool[i-1])) % pool[i]``: the slot of DownPool i that
+      this step's input of tier i fills, which is also the number of tier-i inputs the buffer
+      already holds (so the parallel read leaves ``pos[i]`` of them at phase t), and the piece
+      of UpPool i that tier i reads at this step.
+    - ``top``: the coarsest tier that runs: tier i runs iff ``i <= top``, i.e. iff
+      ``(t + 1) % (pool[0] * ... * pool[i-1]) == 0``. DownPool i is written iff ``i <= top`` and
+      pooled (full, then emptied) iff ``i < top``; UpPool i is read iff ``i <= top`` and, after
+      it was read, refreshed from tier i + 1's output iff ``i < top`` (the causal shift).
+
+    The one place this arithmetic is written. `t` may be a python int (the eager step and the
+    traced block graph, where the schedule is static), a numpy int64 array (a table per step for
+    the cpu-fast kernel) or a 0-d int64 tensor (the ONNX single-step graph, phase as an input):
+    only integer `//`, `%`, `*` and `+` are used, which mean the same for all three.
+    """
+    pos, period, top, runs = [], 1, 0, 1
+    for p in pool:
+        k = (t // period) % p
+        pos.append(k)
+        # (k + 1) // p is 1 iff this pool fills up now (k == p - 1), else 0: integer arithmetic
+        # only, since ONNX has no arithmetic on booleans. runs stays 1 while every pool so far
+        # fills up, i.e. while the next tier runs too.
+        runs = runs * ((k + 1) // p)
+        top = top + runs
+        period *= p
+    return top, pos
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +269,17 @@ class SaShiMi(nn.Module):
     @property
     def frame(self) -> int:
         return self.cfg.frame
+
+    def schedule(self, t):
+        """`tier_schedule` of this model's pools at step `t` (python int, numpy array or tensor):
+        (top, pos), the coarsest tier that runs and each pool's slot."""
+        return tier_schedule(self.cfg.pool, t)
+
+    def schedule_table(self, t0: int, n: int) -> np.ndarray:
+        """The schedule of steps t0 .. t0 + n - 1 as an int64 table (n, 1 + len(pool)): column 0
+        the top tier, column 1 + i pool i's slot (the cpu-fast kernel reads it as data)."""
+        top, pos = self.schedule(np.arange(t0, t0 + n, dtype=np.int64))
+        return np.stack([top, *pos], axis=1).astype(np.int64)
 
     def ssm_parameters(self) -> list[nn.Parameter]:
         """Parameters of every backend's state-space part (their own optimizer group)."""
@@ -235,10 +317,12 @@ class SaShiMi(nn.Module):
         S = state.tensors if state is not None else None
         new: dict[str, Tensor] = {}
         xs = [self.embedding(tokens)]
+        if S is not None:  # each DownPool keeps the inputs the next step's schedule says it holds
+            _, held = self.schedule(int(state.t) + tokens.shape[1])
         for i, down in enumerate(self.down):  # down path: pooling only
             x = xs[-1]
             if S is not None:
-                r = x.shape[1] % cfg.pool[i]
+                r = held[i]
                 buf = x.new_zeros(B, cfg.pool[i], x.shape[2])
                 buf[:, :r] = x[:, x.shape[1] - r:]
                 new[f"down{i}"] = buf
@@ -310,37 +394,29 @@ class SaShiMi(nn.Module):
         return ModelState(0, self._ordered(t))
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """One sample: token (B,) -> logits (B, 256) and the next state. Tier i (rate L / P_i) runs
-        when (t + 1) % P_i == 0; the up path reads its pooled piece before refreshing it."""
-        cfg, t, S = self.cfg, state.t, state.tensors
+        """One sample: token (B,) -> logits (B, 256) and the next state, on the schedule of
+        `tier_schedule` (tier i runs when (t + 1) % (P_0 ... P_(i-1)) == 0; the up path reads its
+        pooled piece before refreshing it). Written so that tracing it gives a lean graph: the
+        schedule is python ints, pool buffers are updated with `torch.where` and flattened or
+        reshaped by constants, so `export` traces this very method for its block graph."""
+        S, npool = state.tensors, len(self.cfg.pool)
+        top, pos = self.schedule(int(state.t))  # python ints: a static schedule when traced
         new = dict(S)
         xs = [self.embedding(token)]
-        period = 1
-        for i, down in enumerate(self.down):  # which tiers run now, and their inputs
-            pos = (t // period) % cfg.pool[i]
-            buf = S[f"down{i}"].clone()
-            buf[:, pos] = xs[-1]
+        for i in range(min(top + 1, npool)):  # the pools written now, and the inputs they make
+            buf = self.down[i].put(S[f"down{i}"], xs[-1], pos[i])
+            if i < top:  # full: pooled, then emptied (as a parallel read leaves it)
+                xs.append(self.down[i].pool_buffer(buf))
+                buf = torch.zeros_like(buf)
             new[f"down{i}"] = buf
-            if pos != cfg.pool[i] - 1:
-                break
-            xs.append(down.linear(buf.reshape(buf.shape[0], -1)))
-            new[f"down{i}"] = torch.zeros_like(buf)  # frame used: empty, as after a parallel read
-            period *= cfg.pool[i]
-        top = len(xs) - 1  # the coarsest tier that runs at this step
-        level = len(cfg.pool)
-        y = self._step_tier(level, xs[level], S, new) if top == level else None
-        period = cfg.frame
-        for i in reversed(range(level)):
-            period //= cfg.pool[i]
-            if i > top:
-                continue
-            pos = (t // period) % cfg.pool[i]
-            piece = S[f"up{i}"][:, pos]
-            if y is not None:  # the coarser tier ran: refresh this pool's pieces for next frame
-                new[f"up{i}"] = self.up[i].linear(y).reshape(y.shape[0], cfg.pool[i], -1)
+        y = self._step_tier(npool, xs[npool], S, new) if top == npool else None
+        for i in reversed(range(min(top + 1, npool))):
+            piece = self.up[i].piece(S[f"up{i}"], pos[i])
+            if i < top:  # the coarser tier ran: refresh this pool's pieces for the next frame
+                new[f"up{i}"] = self.up[i].pieces(y)
             y = self._step_tier(i, piece + xs[i], S, new)
         logits = self.head(self.norm(y))
-        return logits, ModelState(t + 1, new)
+        return logits, ModelState(state.t + 1, new)
 
     def _step_tier(self, level: int, x: Tensor, S: dict, new: dict) -> Tensor:
         names = self._layer_names(level)

@@ -175,6 +175,26 @@ class Mamba(SequenceBackend):
         return self._run(x, state)
 
     # --- recurrent --------------------------------------------------------------------------------
+    def prepare_step(self) -> dict[str, Tensor]:
+        """What the step derives from the parameters: A = -exp(A_log) (E, N)."""
+        return {"A": -torch.exp(self.A_log)}
+
+    def fast_step(self) -> dict[str, Tensor]:
+        """The step in the "mamba" layout of `FAST_LAYOUTS`: the projections as (in, out) maps,
+        absent biases as zeros, A from the step cache."""
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+
+        def bias(lin, n):
+            return lin.bias if lin.bias is not None else self.A_log.new_zeros(n)
+        return {"in_proj_w": self.in_proj.weight.t(), "in_proj_b": bias(self.in_proj, 2 * E),
+                "conv_w": self.conv1d.weight.reshape(E, self.d_conv),
+                "conv_b": bias(self.conv1d, E),
+                "x_proj_w": self.x_proj.weight.t(), "x_proj_b": bias(self.x_proj, R + 2 * N),
+                "dt_proj_w": self.dt_proj.weight.t(), "dt_proj_b": self.dt_proj.bias,
+                "A": self.step_cache()["A"], "D": self.D,
+                "out_proj_w": self.out_proj.weight.t(),
+                "out_proj_b": bias(self.out_proj, self.d_model)}
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         conv_state, h = state
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D)
@@ -185,7 +205,7 @@ class Mamba(SequenceBackend):
         xc = F.silu(xc)
         dt, Bm, Cm = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], -1)
         dt = dt @ self.dt_proj.weight.t()  # (B, D), bias added below
-        A = -torch.exp(self.A_log)
+        A = self.step_cache()["A"]
         if self._kernels(x):
             h = h.clone()  # the kernel updates the state in place; keep step functional
             y = selective_state_update(h, xc, dt, A, Bm, Cm, self.D, z=z,

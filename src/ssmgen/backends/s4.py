@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 from ssmgen.backends.cauchy import cauchy
+from ssmgen.backends.fftconv import causal_conv
 
 # ------------------------------------------------------------------------------------------------
 # Initialization
@@ -160,13 +161,6 @@ def _matvec(M: Tensor, v: Tensor) -> Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
-def causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT, zero-padded to 2L (no wrap-around)."""
-    L = u.shape[-1]
-    n = 2 * L
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
-
-
 # ------------------------------------------------------------------------------------------------
 # The layer
 # ------------------------------------------------------------------------------------------------
@@ -273,6 +267,20 @@ class S4(ComplexModeState, SequenceBackend):
         C = self.ssm(dtype)[4]
         return {**self._dynamics(dtype), "C": torch.cat([2 * C.real, -2 * C.imag], -1),
                 "D": self.D if dtype is None else self.D.to(dtype)}
+
+    def fast_step(self) -> dict[str, Tensor]:
+        """The step cache (`prepare_step`) in the "s4" layout of `FAST_LAYOUTS`: the same tensors
+        split into their real and imaginary halves (views; only 2 Im C changes sign, exactly)."""
+        k = self.step_cache()
+        n2 = self.d_state // 2
+        re = lambda z: z[..., :n2]  # noqa: E731 (planar [Re; Im] halves)
+        im = lambda z: z[..., n2:]  # noqa: E731
+        # E1 = [Re E, Re E], E2 = [-Im E, Im E] (likewise G); C = [2 Re C, -2 Im C]
+        return {"E_re": re(k["E1"]), "E_im": im(k["E2"]), "G_re": re(k["G1"]),
+                "G_im": im(k["G2"]), "P_re": re(k["P"]), "P_im": im(k["P"]),
+                "GP_re": re(k["GP"]), "GP_im": im(k["GP"]), "B2_re": re(k["B2"]),
+                "B2_im": im(k["B2"]), "C2_re": re(k["C"]), "C2_im": -im(k["C"]), "D": k["D"],
+                "Sinv": k["Sinv"]}
 
     @staticmethod
     def advance(k: dict[str, Tensor], x: Tensor, u: Tensor | None = None) -> Tensor:

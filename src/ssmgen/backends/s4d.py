@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
+from ssmgen.backends.fftconv import causal_conv
 
 # ------------------------------------------------------------------------------------------------
 # Vandermonde products (shared with other diagonal layers)
@@ -84,13 +85,6 @@ def vandermonde_naive(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> T
     return (coef.unsqueeze(-1) * torch.exp(log_z.unsqueeze(-1) * l)).sum(-2).real
 
 
-def causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s] by FFT (zero-padded to 2L: no wrap-around)."""
-    L = u.shape[-1]
-    n = 2 * L
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
-
-
 # ------------------------------------------------------------------------------------------------
 # The layer
 # ------------------------------------------------------------------------------------------------
@@ -140,9 +134,19 @@ class S4D(ComplexModeState, SequenceBackend):
         dtA, dB, C = self.discrete()
         return 2 * vandermonde(C * dB, dtA, L)
 
-    def prepare_step(self) -> tuple[Tensor, Tensor, Tensor]:
+    def prepare_step(self) -> dict[str, Tensor]:
+        """The step in real arithmetic (exportable: ONNX has no complex), in the "s4d" layout of
+        `FAST_LAYOUTS`: dA = exp(dt A), dB and 2C as re/im parts (H, N/2), and D (H,)."""
         dtA, dB, C = self.discrete()
-        return torch.exp(dtA), dB, C
+        dA = torch.exp(dtA)
+        # 2C: doubling is exact, so y = Re(2C s) equals 2 Re(C s) bit for bit
+        return {"dA_re": dA.real.contiguous(), "dA_im": dA.imag.contiguous(),
+                "dB_re": dB.real.contiguous(), "dB_im": dB.imag.contiguous(),
+                "C2_re": 2 * C.real, "C2_im": 2 * C.imag, "D": self.D}
+
+    def fast_step(self) -> dict[str, Tensor]:
+        """The step cache as it is: `step` computes with exactly these tensors."""
+        return self.step_cache()
 
     # --- modes ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -150,25 +154,15 @@ class S4D(ComplexModeState, SequenceBackend):
         y = causal_conv(u, self.cached_kernel(u.shape[-1]).to(u.dtype)) + self.D.unsqueeze(-1) * u
         return y.transpose(1, 2)
 
-    def step_real(self) -> tuple[Tensor, ...]:
-        """`prepare_step()` as real tensors (dA_re, dA_im, dB_re, dB_im, C_re, C_im, D), each
-        (H, N/2) but D (H,), for the real-arithmetic `step` (exportable: ONNX has no complex).
-        Cached like `step_cache()`: recomputed whenever a parameter changed."""
-        return self.step_cache(lambda: self._real_parts(self.prepare_step()), slot="real")
-
-    def _real_parts(self, prepared) -> tuple[Tensor, ...]:
-        dA, dB, C = prepared
-        return (dA.real.contiguous(), dA.imag.contiguous(), dB.real.contiguous(),
-                dB.imag.contiguous(), C.real.contiguous(), C.imag.contiguous(), self.D)
-
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        # Complex arithmetic written out in real ops: s' = dA s + dB x, y = 2 Re(C s') + D x.
-        ar, ai, br, bi, cr, ci, D = self.step_real()
+        # Complex arithmetic written out in real ops: s' = dA s + dB x, y = Re(2C s') + D x.
+        k = self.step_cache()
+        ar, ai, br, bi = k["dA_re"], k["dA_im"], k["dB_re"], k["dB_im"]
         sr, si = state
         u = x.unsqueeze(-1)
         nr = ar * sr - ai * si + br * u
         ni = ar * si + ai * sr + bi * u
-        y = 2 * (cr * nr - ci * ni).sum(-1) + D * x
+        y = (k["C2_re"] * nr - k["C2_im"] * ni).sum(-1) + k["D"] * x
         return y, (nr, ni)
 
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:

@@ -46,6 +46,7 @@ from ssmgen.errors import UserError
 from ssmgen.listen import levels, matching_gain, spectrogram_png, warnings_for, waveform_png
 from ssmgen.model import ModelState
 from ssmgen.runtime import check_memory, resolve_device
+from ssmgen.tokens import SILENCE_TOKEN
 from ssmgen.validate import number
 from ssmgen.validate import short_number as short
 
@@ -98,7 +99,8 @@ def read_prompt(model, prompt: np.ndarray, num: int):
     whatever the batch size."""
     device = next(model.parameters()).device
     if len(prompt) == 0:
-        return model.initial_state(num, device=device), np.full(num, 128, dtype=np.int64)
+        return model.initial_state(num, device=device), np.full(num, SILENCE_TOKEN,
+                                                                dtype=np.int64)
     inputs = torch.from_numpy(shift_inputs(prompt[None])).to(device)
     _, state = model.forward_with_state(inputs, model.initial_state(1, device=device),
                                         logits=False)

@@ -7,9 +7,14 @@ tables; the model state becomes one float32 array `S` holding every state tensor
 the first DownPool's linear map of an embedding is precomputed for the 256 tokens and each position
 in the pool (`T0`), so the step adds one row per sample instead of a 256x128 product per 4 samples.
 
-`run_steps` (cpu_fast_kernels.py) runs a chunk of steps from any phase t (the tier schedule is
-computed from t), sampling included, with no allocation; the engine calls it per chunk of 1024
-samples and reports progress between chunks.
+Each sequence layer hands over its step through the fast-step contract (`SequenceBackend.fast_step`,
+`backends.base.FAST_LAYOUTS`): named real tensors of a declared layout, which are checked and packed
+as they are, in the table's order, with the layout's dimensions after their offsets; this module
+computes nothing from a backend's parameters itself.
+
+`run_steps` (cpu_fast_kernels.py) runs a chunk of steps, sampling included, with no allocation; the
+engine calls it per chunk of `CHUNK` samples with that chunk's rows of the model's schedule
+(`SaShiMi.schedule_table`, so any phase works) and reports progress between chunks.
 """
 
 from __future__ import annotations
@@ -21,21 +26,20 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ssmgen.backends.base import FAST_LAYOUTS, SequenceBackend, check_fast_step
 from ssmgen.errors import UserError
 from ssmgen.generate import cpu_fast_kernels as K
+from ssmgen.generate.base import CHUNK
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
+from ssmgen.tokens import N_TOKENS
 
-CHUNK = 1024
-ALIGN = 16  # floats (64 bytes)
-#: The step forms this engine packs (a backend declares its own as `fast_kind`).
-KINDS = {"s4d": K.S4D, "s4": K.S4, "mamba": K.MAMBA}
+ALIGN = K.ALIGN
 
 
 def supports(model: SaShiMi) -> bool:
     """Whether every sequence layer of `model` declares a step form this engine packs."""
-    from ssmgen.backends import SequenceBackend
-    return all(getattr(m, "fast_kind", None) in KINDS for m in model.modules()
+    return all(getattr(m, "fast_kind", None) in FAST_LAYOUTS for m in model.modules()
                if isinstance(m, SequenceBackend))
 
 
@@ -66,56 +70,26 @@ def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
     return f.add(_np(lin.weight).T), f.add(_np(lin.bias))
 
 
-def _backend_fields(f: _Flat, layer) -> list[int]:
-    kind = layer.fast_kind
-    if kind == "s4d":
-        with torch.no_grad():  # from discrete() (dtA, dB, C), whatever layout step() uses
-            dtA, dB, C = layer.discrete()
-            dA = torch.exp(dtA)
-        return [f.add(_np(dA.real)), f.add(_np(dA.imag)), f.add(_np(dB.real)), f.add(_np(dB.imag)),
-                f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D))]
-    if kind == "s4":
-        # The quantities of S4.prepare_step, from the layer's (dt, Lambda, P, B, C): the same
-        # Woodbury step, in real/imaginary parts (independent of how the backend lays them out).
-        with torch.no_grad():
-            dt, lam, P, B, C = layer.ssm(torch.float32)
-            E = 2 / dt[:, None] + lam
-            G = 1 / (2 / dt[:, None] - lam)
-            Sm = 2 * torch.einsum("rn,hn,sn->hrs", P.conj(), G, P).real
-            Sinv = torch.linalg.inv(Sm + torch.eye(P.shape[0], dtype=Sm.dtype))
-            GP = G[:, None, :] * P
-        fields = []
-        for z in (E, G, P, GP, 2 * B):
-            fields += [f.add(_np(z.real)), f.add(_np(z.imag))]
-        fields += [f.add(2 * _np(C.real)), f.add(2 * _np(C.imag)), f.add(_np(layer.D)),
-                   f.add(_np(Sinv)), 0, layer.rank]  # rank kept with the offsets
-        return fields
-    if kind == "mamba":
-        E, R, N = layer.d_inner, layer.dt_rank, layer.d_state
-        zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731
-        bias = lambda lin, n: _np(lin.bias) if lin.bias is not None else zeros(n)  # noqa: E731
-        conv_b = layer.conv1d.bias
-        return [f.add(_np(layer.in_proj.weight).T), f.add(bias(layer.in_proj, 2 * E)),
-                f.add(_np(layer.conv1d.weight).reshape(E, layer.d_conv)),
-                f.add(_np(conv_b) if conv_b is not None else zeros(E)),
-                f.add(_np(layer.x_proj.weight).T), f.add(zeros(R + 2 * N)),
-                f.add(_np(layer.dt_proj.weight).T), f.add(_np(layer.dt_proj.bias)),
-                f.add(-np.exp(_np(layer.A_log).astype(np.float64))), f.add(_np(layer.D)),
-                f.add(_np(layer.out_proj.weight).T), f.add(bias(layer.out_proj, layer.d_model)),
-                R]  # dt_rank differs per tier (ceil(width / 16)): kept with the offsets
-    raise UserError(f"engine cpu-fast: backend {type(layer).__name__} declares no step form it "
-                    f"can pack (fast_kind {kind!r}; known: {', '.join(KINDS)}); use --engine "
-                    "torch")
-
-
-def _backend_ints(layer) -> dict[int, int]:
-    kind = layer.fast_kind
-    if kind in ("s4d", "s4"):
-        return {K.C_N: layer.d_state // 2}
-    if kind == "mamba":
-        return {K.C_N: layer.d_state, K.C_E: layer.expand,
-                K.C_K: layer.d_conv}
-    return {}
+def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, int]]:
+    """Pack `layer.fast_step()` as it is: the offsets of its tensors in the layout's order, then
+    the layout's dimensions (what the kernel reads at `K.lo_slots(kind)`), and the dimensions by
+    name. UserError (one line) for a layer without a packable step form or whose tensors do not
+    follow the layout."""
+    kind = getattr(layer, "fast_kind", None)
+    name = type(layer).__name__
+    if kind not in FAST_LAYOUTS:
+        raise UserError(f"engine cpu-fast: backend {name} declares no step form it can pack "
+                        f"(fast_kind {kind!r}; known: {', '.join(FAST_LAYOUTS)}); use --engine "
+                        "torch")
+    with torch.no_grad():
+        tensors = layer.fast_step()
+    try:
+        dims = check_fast_step(kind, tensors, width)
+    except ValueError as e:
+        raise UserError(f"engine cpu-fast: backend {name}: {e}; use --engine torch") from None
+    layout = FAST_LAYOUTS[kind]
+    offsets = [f.add(_np(tensors[n])) for n in layout.names()]
+    return offsets + [dims[d] for d in layout.dims], dims
 
 
 class Packed:
@@ -129,8 +103,8 @@ class Packed:
         widths = list(model.widths)
         first = model.center.seq[0].layer
         kind = getattr(first, "fast_kind", None)
-        if kind not in KINDS:
-            _backend_fields(f, first)  # raises the clear error
+        if kind not in FAST_LAYOUTS:
+            _backend_fields(f, first, widths[-1])  # raises the clear error
         GO = np.zeros(8 + 4 * len(cfg.pool), np.int64)
         emb = _np(model.embedding.weight)
         GO[K.G_EMB] = f.add(emb)
@@ -144,7 +118,9 @@ class Packed:
         table = np.einsum("tc,pco->pto", emb.astype(np.float64),
                           self.down0_wt.reshape(p0, w0, -1))
         GO[K.G_T0] = f.add(table)
-        LO = np.zeros((T, cfg.n_layers, 32), np.int64)
+        LO = np.zeros((T, cfg.n_layers, K.LO_WIDTH), np.int64)
+        wmax = max(widths)
+        tmp = 0
         for l in range(T):
             tier = model._tier(l)
             for j, (seq, ff) in enumerate(zip(tier.seq, tier.ff)):
@@ -155,29 +131,24 @@ class Packed:
                 lo[K.N2G], lo[K.N2B] = f.add(_np(ff.norm.weight)), f.add(_np(ff.norm.bias))
                 lo[K.F1W], lo[K.F1B] = _linear(f, ff.fc1)
                 lo[K.F2W], lo[K.F2B] = _linear(f, ff.fc2)
-                fields = _backend_fields(f, seq.layer)
+                if getattr(seq.layer, "fast_kind", None) != kind:  # one backend per model
+                    raise UserError(f"engine cpu-fast: the model mixes step forms ({kind!r} and "
+                                    f"{getattr(seq.layer, 'fast_kind', None)!r}); use --engine "
+                                    "torch")
+                fields, dims = _backend_fields(f, seq.layer, widths[l])
                 lo[K.BK:K.BK + len(fields)] = fields
+                tmp = max(tmp, K.scratch_floats(kind, dims, wmax))
         self.W = f.array()
         self.GO, self.LO = GO, LO
-        wmax = max(widths)
         ci = np.zeros(16, np.int64)
         ci[K.C_T], ci[K.C_NL], ci[K.C_FFE], ci[K.C_GLU] = T, cfg.n_layers, cfg.ff_expand, cfg.glu
-        ci[K.C_KIND] = KINDS[kind]
+        ci[K.C_KIND] = K.KIND_IDS[kind]
         ci[K.C_OUTPROJ] = int(first.has_output_projection)
         ci[K.C_CAP] = 2 * wmax
-        for k, v in _backend_ints(first).items():
-            ci[k] = v
         self.ci = ci
         self.widths = np.array(widths, np.int64)
         self.pool = np.array(cfg.pool, np.int64)
-        tmp = 16 * wmax  # per-row scratch of the backend step
-        if kind == "s4":
-            tmp = max(tmp, first.d_state + 2 * first.rank + ALIGN)
-        if kind == "mamba":
-            E = first.expand * wmax
-            tmp = max(tmp, 6 * E + wmax + 2 * first.d_state + ALIGN,  # dt_rank <= width
-                      2 * E * first.d_state)  # T2: the step's decays and exp scratch
-        self.tmp_size = tmp
+        self.tmp_size = tmp  # per-row scratch of the backend step (T1, T2)
         self.names = model.state_names()
 
     # --- state conversion -------------------------------------------------------------------------
@@ -226,8 +197,8 @@ class CpuFastEngine:
         ffe = int(p.ci[K.C_FFE])
         z = lambda n: np.zeros(n, np.float32)  # noqa: E731
         return (z(T * B * cap), z(B * cap), z(B * cap), z(B * cap), z(B * cap), z(B * cap),
-                z(B * ffe * cap), z(B * p.tmp_size), z(B * p.tmp_size), z(B * 256), z(256),
-                z(256))
+                z(B * ffe * cap), z(B * p.tmp_size), z(B * p.tmp_size), z(B * N_TOKENS),
+                z(N_TOKENS), z(N_TOKENS))
 
     def generate(self, state: ModelState, first_token: np.ndarray, n: int, sampler: Sampler,
                  progress: Callable[[int], None] | None = None,
@@ -240,7 +211,7 @@ class CpuFastEngine:
         Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt = self._scratch(B)
         out = np.empty((B, n), np.uint8)
         want = logits_out is not None
-        lbuf = np.zeros((CHUNK, B, 256), np.float32) if want else np.zeros((1, 1, 256), np.float32)
+        lbuf = np.zeros((CHUNK if want else 1, B if want else 1, N_TOKENS), np.float32)
         done, t = 0, state.t
         # The next chunk's noise is drawn in a second thread while the kernel (nogil) runs.
         pool = ThreadPoolExecutor(1)
@@ -251,7 +222,8 @@ class CpuFastEngine:
             if done + m < n:
                 pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
             t_start = time.perf_counter()
-            K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, t + done, m,
+            sched = p.model.schedule_table(t + done, m)
+            K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, sched, m,
                         noise, sampler.inv_temperatures, sampler.top_ks, sampler.top_ps, out, done,
                         want, lbuf, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt)
             if self.compile_seconds is None:

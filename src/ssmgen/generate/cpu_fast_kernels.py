@@ -4,6 +4,10 @@ Every array is 1-D; `cpu_fast.py` packs the weights (`W`) and state (`S`) and pa
 tables. Activations are (B, CAP) row-major scratch buffers. Matrix-vector products are axpys over
 rows of the transposed weight (contiguous inner loop over outputs, which LLVM vectorizes with
 fastmath), looping the batch inside so each weight row is read once per step.
+
+Two things come as data rather than being written here: the tier schedule (a table per step, made
+by `SaShiMi.schedule_table`) and where each backend field lies (the LO row positions below are
+derived from `backends.base.FAST_LAYOUTS`, the table the backends' `fast_step()` follows).
 """
 
 from __future__ import annotations
@@ -13,20 +17,65 @@ import math
 import numpy as np
 from numba import njit
 
+from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
+from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
 
 JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
-# Backend kinds
-S4D, S4, MAMBA = 0, 1, 2
+# Backend kinds: the position of each fast step form in FAST_LAYOUTS
+KIND_IDS = {kind: i for i, kind in enumerate(FAST_LAYOUTS)}
+S4D, S4, MAMBA = KIND_IDS["s4d"], KIND_IDS["s4"], KIND_IDS["mamba"]
 
 # LO (per layer weight offsets) fields
 N1G, N1B, OLW, OLB, N2G, N2B, F1W, F1B, F2W, F2B, BK = range(11)  # BK: first backend field
 # GO (global weight offsets) fields; pool i uses 8 + 4 i .. 11 + 4 i
 G_EMB, G_NG, G_NB, G_HW, G_HB, G_T0 = range(6)
 # CI (config ints) fields
-C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP, C_N, C_R, C_E, C_K = range(11)
+C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP = range(7)
+# Schedule table columns (SaShiMi.schedule_table): the top tier, then each pool's slot
+SCH_TOP, SCH_POS = 0, 1
+ALIGN = 16  # floats (64 bytes): the packer's block alignment, and the scratch rows' padding
+
+
+def lo_slots(kind: str) -> dict[str, int]:
+    """Where a layer's LO row holds each field offset of `kind`'s fast step (from BK, in the
+    layout's order), then each of its dimensions."""
+    layout = FAST_LAYOUTS[kind]
+    return {name: BK + k for k, name in enumerate(layout.names() + list(layout.dims))}
+
+
+#: LO's row length: the common fields, then the longest backend layout's offsets and dimensions.
+LO_WIDTH = max(BK + len(lay.fields) + len(lay.dims) for lay in FAST_LAYOUTS.values())
+
+# The kernels' positions of each backend field in an LO row, all from the layout table.
+_D, _S, _M = lo_slots("s4d"), lo_slots("s4"), lo_slots("mamba")
+D_DA_RE, D_DA_IM, D_DB_RE, D_DB_IM = _D["dA_re"], _D["dA_im"], _D["dB_re"], _D["dB_im"]
+D_C2_RE, D_C2_IM, D_D, D_N2 = _D["C2_re"], _D["C2_im"], _D["D"], _D["N2"]
+S_E_RE, S_E_IM, S_G_RE, S_G_IM = _S["E_re"], _S["E_im"], _S["G_re"], _S["G_im"]
+S_P_RE, S_P_IM, S_GP_RE, S_GP_IM = _S["P_re"], _S["P_im"], _S["GP_re"], _S["GP_im"]
+S_B2_RE, S_B2_IM, S_C2_RE, S_C2_IM = _S["B2_re"], _S["B2_im"], _S["C2_re"], _S["C2_im"]
+S_D, S_SINV, S_N2, S_R = _S["D"], _S["Sinv"], _S["N2"], _S["R"]
+M_IN_W, M_IN_B, M_CONV_W, M_CONV_B = (_M["in_proj_w"], _M["in_proj_b"], _M["conv_w"],
+                                      _M["conv_b"])
+M_X_W, M_X_B, M_DT_W, M_DT_B = _M["x_proj_w"], _M["x_proj_b"], _M["dt_proj_w"], _M["dt_proj_b"]
+M_A, M_D, M_OUT_W, M_OUT_B = _M["A"], _M["D"], _M["out_proj_w"], _M["out_proj_b"]
+M_E, M_N, M_R, M_K = _M["E"], _M["N"], _M["R"], _M["K"]
+
+
+def scratch_floats(kind: str, dims: dict[str, int], wmax: int) -> int:
+    """Floats per batch row of the backend step's scratch buffers T1 and T2 (one row stride for
+    both), for a layer of `kind` with layout dimensions `dims` in a model of widest tier `wmax`:
+    s4_step keeps v (N) and the rank sums (2R) in T1; mamba_step lays out T1 as its docstring
+    says and keeps the E x N decays and their int scratch in T2."""
+    tmp = 16 * wmax
+    if kind == "s4":
+        tmp = max(tmp, 2 * dims["N2"] + 2 * dims["R"] + ALIGN)
+    if kind == "mamba":
+        E, N, R = dims["E"], dims["N"], dims["R"]
+        tmp = max(tmp, 6 * E + R + 2 * N + ALIGN, 2 * E * N)
+    return tmp
 
 
 @njit(**JIT)
@@ -93,16 +142,17 @@ def gelu(X, n, B, cap):
 
 
 @njit(**JIT)
-def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
-    """Diagonal complex SSM: s = dA s + dB u, y = 2 Re(C s) + D u (C stored doubled)."""
+def s4d_step(W, lo, S, so, U, Y, w, B, cap):
+    """Diagonal complex SSM ("s4d" layout): s = dA s + dB u, y = Re(2C s) + D u."""
+    N2 = lo[D_N2]
     M = w * N2
-    dar = W[lo[0]:lo[0] + M].reshape(w, N2)
-    dai = W[lo[1]:lo[1] + M].reshape(w, N2)
-    dbr = W[lo[2]:lo[2] + M].reshape(w, N2)
-    dbi = W[lo[3]:lo[3] + M].reshape(w, N2)
-    cr = W[lo[4]:lo[4] + M].reshape(w, N2)
-    ci = W[lo[5]:lo[5] + M].reshape(w, N2)
-    dd = W[lo[6]:lo[6] + w]
+    dar = W[lo[D_DA_RE]:lo[D_DA_RE] + M].reshape(w, N2)
+    dai = W[lo[D_DA_IM]:lo[D_DA_IM] + M].reshape(w, N2)
+    dbr = W[lo[D_DB_RE]:lo[D_DB_RE] + M].reshape(w, N2)
+    dbi = W[lo[D_DB_IM]:lo[D_DB_IM] + M].reshape(w, N2)
+    cr = W[lo[D_C2_RE]:lo[D_C2_RE] + M].reshape(w, N2)
+    ci = W[lo[D_C2_IM]:lo[D_C2_IM] + M].reshape(w, N2)
+    dd = W[lo[D_D]:lo[D_D] + w]
     for b in range(B):
         sr = S[so[0] + b * M:so[0] + (b + 1) * M].reshape(w, N2)
         si = S[so[1] + b * M:so[1] + (b + 1) * M].reshape(w, N2)
@@ -123,16 +173,18 @@ def s4d_step(W, lo, S, so, U, Y, w, N2, B, cap):
 
 
 @njit(**JIT)
-def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
-    """Mamba (mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise conv, silu;
-    x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x; y = C.h + D x;
-    y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E), silu(z) [3E, 4E),
-    y [4E, 5E), dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N decays exp(dt A) of
-    the step, exponentiated in one vectorized pass (`vecmath.exp_floored`), and its E x N int
-    scratch; before the decays, the vectorized SiLUs and softplus use its first E of each."""
-    linear(W, lo[0], lo[1], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
-    convw = W[lo[2]:lo[2] + E * Kc].reshape(E, Kc)
-    convb = W[lo[3]:lo[3] + E]
+def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
+    """Mamba ("mamba" layout; mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise
+    conv, silu; x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x;
+    y = C.h + D x; y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E),
+    silu(z) [3E, 4E), y [4E, 5E), dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N
+    decays exp(dt A) of the step, exponentiated in one vectorized pass (`vecmath.exp_floored`),
+    and its E x N int scratch; before the decays, the vectorized SiLUs and softplus use its first
+    E of each."""
+    E, N, R, Kc = lo[M_E], lo[M_N], lo[M_R], lo[M_K]
+    linear(W, lo[M_IN_W], lo[M_IN_B], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
+    convw = W[lo[M_CONV_W]:lo[M_CONV_W] + E * Kc].reshape(E, Kc)
+    convb = W[lo[M_CONV_B]:lo[M_CONV_B] + E]
     Kp = Kc - 1  # the conv state holds the last d_conv - 1 pre-conv inputs
     for b in range(B):
         cs = S[so[0] + b * E * Kp:so[0] + (b + 1) * E * Kp].reshape(E, Kp)
@@ -149,10 +201,10 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
                 cs[e, Kp - 1] = xz[e]
             xc[e] = acc
         silu(xc, E, T2[r:r + E], T2[r + E * N:r + E * N + E].view(np.int32))
-    linear(W, lo[4], lo[5], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
-    linear(W, lo[6], lo[7], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
-    A = W[lo[8]:lo[8] + E * N].reshape(E, N)
-    D = W[lo[9]:lo[9] + E]
+    linear(W, lo[M_X_W], lo[M_X_B], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
+    linear(W, lo[M_DT_W], lo[M_DT_B], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
+    A = W[lo[M_A]:lo[M_A] + E * N].reshape(E, N)
+    D = W[lo[M_D]:lo[M_D] + E]
     for b in range(B):
         h = S[so[1] + b * E * N:so[1] + (b + 1) * E * N].reshape(E, N)
         r = b * tmp
@@ -183,7 +235,7 @@ def mamba_step(W, lo, S, so, U, Y, w, N, R, E, Kc, B, cap, T1, T2, tmp):
                 h[e, n] = hn
                 acc += hn * Cv[n]
             y[e] = (acc + D[e] * xc[e]) * gate[e]
-    linear(W, lo[10], lo[11], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
+    linear(W, lo[M_OUT_W], lo[M_OUT_B], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
 
 
 @njit(**JIT)
@@ -218,26 +270,26 @@ def s4_rank1_row(Er, Ei, Gr, Gi, pr, pi, GPr, GPi, B2r, B2i, Cr, Ci, D, Sinv, xr
 
 
 @njit(**JIT)
-def s4_step(W, lo, S, so, U, Y, w, N2, B, cap, T1, tmp):
-    """S4 DPLR, the O(N) Woodbury step of backends/s4.py (`S4.advance`), per channel:
-    a = 2 Re(P^* x); w = E x - P a + 2 B u; v = G w; c = 2 Re(P^* v); x' = v - GP Sinv c;
-    y = 2 Re(C x') + D u (C stored doubled). P (R, N/2) and B are shared by the channels."""
-    R = lo[15]
+def s4_step(W, lo, S, so, U, Y, w, B, cap, T1, tmp):
+    """S4 DPLR ("s4" layout), the O(N) Woodbury step of backends/s4.py (`S4.advance`), per
+    channel: a = 2 Re(P^* x); w = E x - P a + 2 B u; v = G w; c = 2 Re(P^* v); x' = v - GP Sinv c;
+    y = Re(2C x') + D u. P (R, N/2) and B are shared by the channels."""
+    N2, R = lo[S_N2], lo[S_R]
     M = w * N2
-    Er = W[lo[0]:lo[0] + M].reshape(w, N2)
-    Ei = W[lo[1]:lo[1] + M].reshape(w, N2)
-    Gr = W[lo[2]:lo[2] + M].reshape(w, N2)
-    Gi = W[lo[3]:lo[3] + M].reshape(w, N2)
-    Pr = W[lo[4]:lo[4] + R * N2].reshape(R, N2)
-    Pi = W[lo[5]:lo[5] + R * N2].reshape(R, N2)
-    GPr = W[lo[6]:lo[6] + M * R].reshape(w, R, N2)
-    GPi = W[lo[7]:lo[7] + M * R].reshape(w, R, N2)
-    B2r = W[lo[8]:lo[8] + N2]
-    B2i = W[lo[9]:lo[9] + N2]
-    Cr = W[lo[10]:lo[10] + M].reshape(w, N2)
-    Ci = W[lo[11]:lo[11] + M].reshape(w, N2)
-    D = W[lo[12]:lo[12] + w]
-    Sinv = W[lo[13]:lo[13] + w * R * R].reshape(w, R, R)
+    Er = W[lo[S_E_RE]:lo[S_E_RE] + M].reshape(w, N2)
+    Ei = W[lo[S_E_IM]:lo[S_E_IM] + M].reshape(w, N2)
+    Gr = W[lo[S_G_RE]:lo[S_G_RE] + M].reshape(w, N2)
+    Gi = W[lo[S_G_IM]:lo[S_G_IM] + M].reshape(w, N2)
+    Pr = W[lo[S_P_RE]:lo[S_P_RE] + R * N2].reshape(R, N2)
+    Pi = W[lo[S_P_IM]:lo[S_P_IM] + R * N2].reshape(R, N2)
+    GPr = W[lo[S_GP_RE]:lo[S_GP_RE] + M * R].reshape(w, R, N2)
+    GPi = W[lo[S_GP_IM]:lo[S_GP_IM] + M * R].reshape(w, R, N2)
+    B2r = W[lo[S_B2_RE]:lo[S_B2_RE] + N2]
+    B2i = W[lo[S_B2_IM]:lo[S_B2_IM] + N2]
+    Cr = W[lo[S_C2_RE]:lo[S_C2_RE] + M].reshape(w, N2)
+    Ci = W[lo[S_C2_IM]:lo[S_C2_IM] + M].reshape(w, N2)
+    D = W[lo[S_D]:lo[S_D] + w]
+    Sinv = W[lo[S_SINV]:lo[S_SINV] + w * R * R].reshape(w, R, R)
     for b in range(B):
         xr_ = S[so[0] + b * M:so[0] + (b + 1) * M].reshape(w, N2)
         xi_ = S[so[1] + b * M:so[1] + (b + 1) * M].reshape(w, N2)
@@ -292,14 +344,14 @@ def s4_step(W, lo, S, so, U, Y, w, N2, B, cap, T1, tmp):
 
 
 @njit(**JIT)
-def backend_step(kind, W, lo, S, so, U, Y, w, ci, B, cap, T1, T2):
+def backend_step(kind, W, lo, S, so, U, Y, w, B, cap, T1, T2):
+    """One step of a layer of `kind`; `lo` is its whole LO row (fields and dimensions)."""
     if kind == S4D:
-        s4d_step(W, lo, S, so, U, Y, w, ci[C_N], B, cap)
+        s4d_step(W, lo, S, so, U, Y, w, B, cap)
     elif kind == S4:
-        s4_step(W, lo, S, so, U, Y, w, ci[C_N], B, cap, T1, T1.shape[0] // B)
+        s4_step(W, lo, S, so, U, Y, w, B, cap, T1, T1.shape[0] // B)
     elif kind == MAMBA:
-        mamba_step(W, lo, S, so, U, Y, w, ci[C_N], lo[12], ci[C_E] * w, ci[C_K], B, cap, T1, T2,
-                   T1.shape[0] // B)
+        mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, T1.shape[0] // B)
 
 
 @njit(**JIT)
@@ -326,7 +378,7 @@ def run_tier(l, W, LO, S, SO, ci, X, Y, Hn, U, O, HID, T1, T2, w, B):
     for j in range(nl):
         lo = LO[l, j]
         layernorm(Y, Hn, W, lo[N1G], lo[N1B], w, B, cap)
-        backend_step(ci[C_KIND], W, lo[BK:], S, SO[l, j], Hn, U, w, ci, B, cap, T1, T2)
+        backend_step(ci[C_KIND], W, lo, S, SO[l, j], Hn, U, w, B, cap, T1, T2)
         if ci[C_OUTPROJ]:
             add_rows(Y, U, w, B, cap, True)
         else:
@@ -391,9 +443,10 @@ def select_token(L, g, inv_temp, top_k, top_p, z, srt):
 
 
 @njit(**JIT)
-def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_temp, top_k, top_p,
+def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, sched, n, noise, inv_temp, top_k, top_p,
               out, out_col, want_logits, logits_out, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt):
-    """n steps of the model from absolute step t0: feed tok (B,), sample, feed the sample.
+    """n steps of the model: feed tok (B,), sample, feed the sample. Step s runs on row s of the
+    schedule table `sched` (`SaShiMi.schedule_table`: the top tier, each pool's slot).
     Writes tokens to out[b, out_col + s] and (if want_logits) logits to logits_out[s, b].
     Sampling settings are per row: inv_temp (B,) float64, top_k (B,) int64, top_p (B,) float64."""
     B = tok.shape[0]
@@ -401,25 +454,20 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
     T = ci[C_T]
     npool = T - 1
     w0 = widths[0]
-    frame = 1
-    for i in range(npool):
-        frame *= pool[i]
     for s in range(n):
-        t = t0 + s
+        top = sched[s, SCH_TOP]
         # ---- down path: embedding, pooled inputs of the tiers that run now ----
-        top = 0
-        period = 1
         for b in range(B):
             e = GO[G_EMB] + tok[b] * w0
             xs = Xs[b * cap:b * cap + w0]
             emb = W[e:e + w0]
             for c in range(w0):
                 xs[c] = emb[c]
-        for i in range(npool):
+        for i in range(min(top + 1, npool)):  # the pools written now
             p = pool[i]
             wi = widths[i]
             wn = widths[i + 1]
-            pos = (t // period) % p
+            pos = sched[s, SCH_POS + i]
             buf = SG[2 * i]
             xo = i * B * cap
             for b in range(B):
@@ -430,12 +478,12 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             if i == 0:  # the first pool's linear map of a token is a table row: accumulate it
                 acc = SG[2 * npool]
                 for b in range(B):
-                    tr = GO[G_T0] + (pos * 256 + tok[b]) * wn
+                    tr = GO[G_T0] + (pos * N_TOKENS + tok[b]) * wn
                     row = W[tr:tr + wn]
                     a = S[acc + b * wn:acc + (b + 1) * wn]
                     for c in range(wn):
                         a[c] += row[c]
-            if pos != p - 1:
+            if i == top:  # not full yet
                 break
             xn = (i + 1) * B * cap
             if i == 0:
@@ -451,20 +499,14 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             for b in range(B):
                 for c in range(p * wi):
                     S[buf + b * p * wi + c] = 0.0
-            period *= p
-            top = i + 1
         # ---- centre, then up path ----
         if top == npool:
             run_tier(npool, W, LO, S, SO, ci, Xs[npool * B * cap:], Y, Hn, U, O, HID, T1, T2,
                      widths[npool], B)
-        period = frame
-        for i in range(npool - 1, -1, -1):
-            period //= pool[i]
-            if i > top:
-                continue
+        for i in range(min(top + 1, npool) - 1, -1, -1):  # the finer tiers that run now
             p = pool[i]
             wi = widths[i]
-            pos = (t // period) % p
+            pos = sched[s, SCH_POS + i]
             ub = SG[2 * i + 1]
             xo = i * B * cap
             for b in range(B):
@@ -479,9 +521,9 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, t0, n, noise, inv_tem
             run_tier(i, W, LO, S, SO, ci, Z, Y, Hn, U, O, HID, T1, T2, wi, B)
         # ---- head and sampling ----
         layernorm(Y, Hn, W, GO[G_NG], GO[G_NB], w0, B, cap)
-        linear(W, GO[G_HW], GO[G_HB], w0, 256, Hn, 0, cap, Lg, 0, 256, B)
+        linear(W, GO[G_HW], GO[G_HB], w0, N_TOKENS, Hn, 0, cap, Lg, 0, N_TOKENS, B)
         for b in range(B):
-            lg = Lg[b * 256:(b + 1) * 256]
+            lg = Lg[b * N_TOKENS:(b + 1) * N_TOKENS]
             if want_logits:
                 logits_out[s, b, :] = lg
             k = select_token(lg, noise[s, b], inv_temp[b], top_k[b], top_p[b], zs, srt)

@@ -3,7 +3,7 @@ captured once as a CUDA graph, sampling inside it, replayed frame after frame.
 
 Eager stepping on a GPU is launch-bound: a few hundred tiny kernels per sample, each waiting on
 the host. A CUDA graph replays the same kernels with one launch per frame, and because the Gumbel
-noise is uploaded in advance (1024 steps at a time, device-to-device copies per frame) and the
+noise is uploaded in advance (`CHUNK` steps at a time, device-to-device copies per frame) and the
 sampled tokens stay on the device until a progress report, there is no host sync per sample.
 
 Why one frame: `model.step`'s work depends on t only through t mod 16 (which tiers run), so the
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ssmgen.errors import UserError
+from ssmgen.generate.base import CHUNK
 from ssmgen.generate.sampling import RowSettings, Sampler, select_rows
 from ssmgen.model import ModelState, SaShiMi
-
-CHUNK = 1024  # noise uploaded, tokens downloaded and progress reported per CHUNK samples
+from ssmgen.tokens import N_TOKENS, SILENCE_TOKEN
 
 
 class CudaGraphEngine:
@@ -56,8 +56,8 @@ class CudaGraphEngine:
             return self._captured[key]
         B, F = self.batch_size, self.frame
         st = {k: v.clone() for k, v in template.tensors.items()}
-        tok = torch.full((B,), 128, dtype=torch.long, device=self.device)
-        noise = torch.zeros(F, B, 256, device=self.device)
+        tok = torch.full((B,), SILENCE_TOKEN, dtype=torch.long, device=self.device)
+        noise = torch.zeros(F, B, N_TOKENS, device=self.device)
         out = torch.zeros(B, F, dtype=torch.long, device=self.device)
 
         def frame() -> None:

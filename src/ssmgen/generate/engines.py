@@ -16,24 +16,16 @@ An engine continues a `ModelState` token by token::
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from ssmgen.errors import UserError
-from ssmgen.generate.sampling import Sampler
-from ssmgen.model import ModelState, SaShiMi
+from ssmgen.generate.base import Engine
+from ssmgen.model import SaShiMi
+
+__all__ = ["Engine", "available_engines", "create_engine"]
 
 log = logging.getLogger("ssmgen.generate")
-
-
-class Engine(Protocol):
-    name: str
-
-    def generate(self, state: ModelState, first_token: np.ndarray, n: int, sampler: Sampler,
-                 progress: Callable[[int], None] | None = None
-                 ) -> tuple[np.ndarray, ModelState]: ...
 
 
 def _numba_ok() -> bool:

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-N_TOKENS = 256
+from ssmgen.tokens import N_TOKENS
 
 
 def row_seed(seed: int, row: int) -> int:

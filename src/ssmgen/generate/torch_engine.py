@@ -8,10 +8,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ssmgen.generate.base import CHUNK
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
-
-CHUNK = 1024  # noise drawn per chunk; progress reported per chunk
 
 
 class TorchEngine:
