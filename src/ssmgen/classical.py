@@ -199,17 +199,7 @@ def score(coder: dict, segments: Sequence[np.ndarray]) -> tuple[float, int]:
 def split_files(dataset, split: str, max_samples: int | None = None) -> list[np.ndarray]:
     """The files of a split as token arrays (memory-mapped views), cut after `max_samples`
     positions in all, as the evaluation of a model cuts them (`Dataset.eval_chunks`)."""
-    tokens = dataset.tokens(split)
-    out, seen = [], 0
-    for seg in dataset.segments(split):
-        part = tokens[seg.offset:seg.offset + seg.length]
-        if max_samples is not None:
-            part = part[:max(0, max_samples - seen)]
-        if len(part) == 0:
-            break
-        seen += len(part)
-        out.append(part)
-    return out
+    return list(dataset.file_tokens(split, max_samples))
 
 
 def dataset_key(dataset) -> str:

@@ -136,6 +136,12 @@ class Dataset:
                     max_samples: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every position of the split once, as (inputs, targets) int64 (1, n) chunks of `length`
         (the last chunk of each file shorter), aligned exactly as training crops are."""
+        for part in self.file_tokens(split, max_samples):
+            yield from token_chunks(part, length)
+
+    def file_tokens(self, split: str, max_samples: int | None = None) -> Iterator[np.ndarray]:
+        """Each file's tokens in the split (memory-mapped views), in order, cut after
+        `max_samples` positions in all: what an evaluation of the split reads."""
         tokens = self.tokens(split)
         seen = 0
         for seg in self.segments(split):
@@ -145,7 +151,7 @@ class Dataset:
             if len(part) == 0:
                 return
             seen += len(part)
-            yield from token_chunks(part, length)
+            yield part
 
     def split_samples(self, split: str) -> int:
         return sum(s.length for s in self.segments(split))
