@@ -62,12 +62,16 @@ class _Flat:
         self.n += a.size + pad
         return off
 
+    def add_linear(self, wt) -> int:
+        """A (in, out) map, stored in the column panels the product kernel reads."""
+        return self.add(K.panel_order(np.asarray(wt, dtype=np.float32)))
+
     def array(self) -> np.ndarray:
         return np.concatenate(self.parts) if self.parts else np.zeros(ALIGN, np.float32)
 
 
 def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
-    return f.add(_np(lin.weight).T), f.add(_np(lin.bias))
+    return f.add_linear(_np(lin.weight).T), f.add(_np(lin.bias))
 
 
 def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, int]]:
@@ -88,7 +92,8 @@ def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, i
     except ValueError as e:
         raise UserError(f"engine cpu-fast: backend {name}: {e}; use --engine torch") from None
     layout = FAST_LAYOUTS[kind]
-    offsets = [f.add(_np(tensors[n])) for n in layout.names()]
+    offsets = [(f.add_linear if fld.linear else f.add)(_np(tensors[fld.name]))
+               for fld in layout.fields]
     return offsets + [dims[d] for d in layout.dims], dims
 
 

@@ -19,6 +19,7 @@ from numba import njit
 
 from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
+from ssmgen.simd import vfma, vload, vsplat, vstore
 from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
 
@@ -37,6 +38,7 @@ C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP = range(7)
 # Schedule table columns (SaShiMi.schedule_table): the top tier, then each pool's slot
 SCH_TOP, SCH_POS = 0, 1
 ALIGN = 16  # floats (64 bytes): the packer's block alignment, and the scratch rows' padding
+PANEL = 64  # output columns per panel of a packed linear map (4 vectors of 16 floats)
 
 
 def lo_slots(kind: str) -> dict[str, int]:
@@ -80,20 +82,175 @@ def scratch_floats(kind: str, dims: dict[str, int], wmax: int) -> int:
 
 @njit(**JIT)
 def linear(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride, B):
-    """O[b, o] = bias[o] + sum_i X[b, i] W[i, o], W stored (nin, nout) row-major at woff.
-    Slices and range indices (never a possibly negative offset) let LLVM drop the wrap-around
-    checks and vectorize the contiguous inner loop."""
-    Wt = W[woff:woff + nin * nout].reshape(nin, nout)
-    bias = W[boff:boff + nout]
-    for b in range(B):
-        orow = O[ooff + b * ostride:ooff + b * ostride + nout]
-        xrow = X[xoff + b * xstride:xoff + b * xstride + nin]
-        for o in range(nout):
-            orow[o] = bias[o]
+    """O[b, o] = bias[o] + sum_i X[b, i] W[i, o] for the B rows of X (row b at xoff + b xstride)
+    and O (at ooff + b ostride); W is a (nin, nout) map packed in column panels at woff
+    (`panel_order`), the bias at boff. Rows go 4, then 2, then 1 at a time through a register-
+    blocked product: each 16-float weight vector is loaded once per group of rows, every output
+    of the panel stays in a register across the whole loop over the inputs."""
+    b = 0
+    while b + 4 <= B:
+        _linear4(W, woff, boff, nin, nout, X, xoff + b * xstride, xstride, O,
+                 ooff + b * ostride, ostride)
+        b += 4
+    if b + 2 <= B:
+        _linear2(W, woff, boff, nin, nout, X, xoff + b * xstride, xstride, O,
+                 ooff + b * ostride, ostride)
+        b += 2
+    if b < B:
+        _linear1(W, woff, boff, nin, nout, X, xoff + b * xstride, O, ooff + b * ostride)
+
+
+@njit(**JIT)
+def _linear1(W, woff, boff, nin, nout, X, xoff, O, ooff):
+    x = X[xoff:xoff + nin]
+    ob = 0
+    while ob + PANEL <= nout:
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
         for i in range(nin):
-            xi = xrow[i]
-            for o in range(nout):
-                orow[o] += xi * Wt[i, o]
+            xi = vsplat(x[i])
+            a0 = vfma(xi, vload(W, p), a0)
+            a1 = vfma(xi, vload(W, p + 16), a1)
+            a2 = vfma(xi, vload(W, p + 32), a2)
+            a3 = vfma(xi, vload(W, p + 48), a3)
+            p += PANEL
+        o = ooff + ob
+        vstore(O, o, a0)
+        vstore(O, o + 16, a1)
+        vstore(O, o + 32, a2)
+        vstore(O, o + 48, a3)
+        ob += PANEL
+    if ob < nout:
+        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, 0, O, ooff + ob,
+                     0, 1)
+
+
+@njit(**JIT)
+def _linear2(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
+    x = X[xoff:xoff + nin]
+    y = X[xoff + xstride:xoff + xstride + nin]
+    ob = 0
+    while ob + PANEL <= nout:
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        for i in range(nin):
+            w0, w1 = vload(W, p), vload(W, p + 16)
+            w2, w3 = vload(W, p + 32), vload(W, p + 48)
+            xi = vsplat(x[i])
+            a0, a1 = vfma(xi, w0, a0), vfma(xi, w1, a1)
+            a2, a3 = vfma(xi, w2, a2), vfma(xi, w3, a3)
+            xi = vsplat(y[i])
+            b0, b1 = vfma(xi, w0, b0), vfma(xi, w1, b1)
+            b2, b3 = vfma(xi, w2, b2), vfma(xi, w3, b3)
+            p += PANEL
+        o = ooff + ob
+        vstore(O, o, a0)
+        vstore(O, o + 16, a1)
+        vstore(O, o + 32, a2)
+        vstore(O, o + 48, a3)
+        o += ostride
+        vstore(O, o, b0)
+        vstore(O, o + 16, b1)
+        vstore(O, o + 32, b2)
+        vstore(O, o + 48, b3)
+        ob += PANEL
+    if ob < nout:
+        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, xstride, O,
+                     ooff + ob, ostride, 2)
+
+
+@njit(**JIT)
+def _linear4(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
+    x = X[xoff:xoff + nin]
+    y = X[xoff + xstride:xoff + xstride + nin]
+    z = X[xoff + 2 * xstride:xoff + 2 * xstride + nin]
+    u = X[xoff + 3 * xstride:xoff + 3 * xstride + nin]
+    ob = 0
+    while ob + PANEL <= nout:
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        c0, c1, c2, c3 = a0, a1, a2, a3
+        d0, d1, d2, d3 = a0, a1, a2, a3
+        for i in range(nin):
+            w0, w1 = vload(W, p), vload(W, p + 16)
+            w2, w3 = vload(W, p + 32), vload(W, p + 48)
+            xi = vsplat(x[i])
+            a0, a1 = vfma(xi, w0, a0), vfma(xi, w1, a1)
+            a2, a3 = vfma(xi, w2, a2), vfma(xi, w3, a3)
+            xi = vsplat(y[i])
+            b0, b1 = vfma(xi, w0, b0), vfma(xi, w1, b1)
+            b2, b3 = vfma(xi, w2, b2), vfma(xi, w3, b3)
+            xi = vsplat(z[i])
+            c0, c1 = vfma(xi, w0, c0), vfma(xi, w1, c1)
+            c2, c3 = vfma(xi, w2, c2), vfma(xi, w3, c3)
+            xi = vsplat(u[i])
+            d0, d1 = vfma(xi, w0, d0), vfma(xi, w1, d1)
+            d2, d3 = vfma(xi, w2, d2), vfma(xi, w3, d3)
+            p += PANEL
+        o = ooff + ob
+        vstore(O, o, a0)
+        vstore(O, o + 16, a1)
+        vstore(O, o + 32, a2)
+        vstore(O, o + 48, a3)
+        o += ostride
+        vstore(O, o, b0)
+        vstore(O, o + 16, b1)
+        vstore(O, o + 32, b2)
+        vstore(O, o + 48, b3)
+        o += ostride
+        vstore(O, o, c0)
+        vstore(O, o + 16, c1)
+        vstore(O, o + 32, c2)
+        vstore(O, o + 48, c3)
+        o += ostride
+        vstore(O, o, d0)
+        vstore(O, o + 16, d1)
+        vstore(O, o + 32, d2)
+        vstore(O, o + 48, d3)
+        ob += PANEL
+    if ob < nout:
+        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, xstride, O,
+                     ooff + ob, ostride, 4)
+
+
+@njit(**JIT)
+def _linear_tail(W, poff, boff, nin, wd, X, xoff, xstride, O, ooff, ostride, B):
+    """The last, narrower panel (wd < PANEL columns, stored (nin, wd) at poff), row by row:
+    16 columns at a time, then one at a time."""
+    for b in range(B):
+        x = X[xoff + b * xstride:xoff + b * xstride + nin]
+        o = ooff + b * ostride
+        c = 0
+        while c + 16 <= wd:
+            a = vload(W, boff + c)
+            p = poff + c
+            for i in range(nin):
+                a = vfma(vsplat(x[i]), vload(W, p), a)
+                p += wd
+            vstore(O, o + c, a)
+            c += 16
+        orow = O[o + c:o + wd]
+        bias = W[boff + c:boff + wd]
+        for k in range(wd - c):
+            acc = bias[k]
+            col = W[poff + c + k:poff + c + k + (nin - 1) * wd + 1]
+            for i in range(nin):
+                acc += x[i] * col[i * wd]
+            orow[k] = acc
+
+
+def panel_order(wt: np.ndarray) -> np.ndarray:
+    """A (nin, nout) map in the order `linear` reads it: column panels of PANEL (the last one
+    narrower), each a row-major (nin, width) block, one after the other. Every weight of a panel
+    is then read in one forward stream."""
+    nin, nout = wt.shape
+    return np.concatenate([np.ascontiguousarray(wt[:, ob:ob + PANEL]).ravel()
+                           for ob in range(0, nout, PANEL)]) if nout else wt.ravel()
 
 
 @njit(**JIT)

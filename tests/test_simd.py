@@ -1,0 +1,56 @@
+"""The explicit SIMD vectors (ssmgen.simd) and the cpu-fast product kernel built on them, against
+numpy."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from ssmgen.generate.cpu_fast_kernels import PANEL, linear, panel_order
+from ssmgen.simd import LANES, vfma, vload, vsplat, vstore
+
+
+@njit(cache=False)
+def _ops(a, w, out, s, i, j):
+    vstore(out, j, vfma(vsplat(s), vload(w, i), vload(a, i)))
+
+
+def test_vector_ops_are_lane_by_lane():
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((2, 40)).astype(np.float32)
+    out = np.full(40, 7.0, np.float32)
+    _ops(a, w, out, 1.5, 3, 20)  # unaligned on both sides
+    ref = (np.float32(1.5) * w[3:3 + LANES] + a[3:3 + LANES]).astype(np.float32)
+    np.testing.assert_allclose(out[20:20 + LANES], ref, rtol=1e-6)
+    assert (out[:20] == 7).all() and (out[20 + LANES:] == 7).all()  # nothing else written
+
+
+def test_panel_order_keeps_every_value_and_puts_each_panel_in_one_block():
+    wt = np.arange(5 * 150, dtype=np.float32).reshape(5, 150)
+    p = panel_order(wt)
+    assert p.shape == (750,) and sorted(p) == sorted(wt.ravel())
+    np.testing.assert_array_equal(p[:5 * PANEL].reshape(5, PANEL), wt[:, :PANEL])
+    np.testing.assert_array_equal(p[10 * PANEL:].reshape(5, 150 - 2 * PANEL), wt[:, 2 * PANEL:])
+
+
+@pytest.mark.parametrize("nin,nout", [(64, 64), (16, 256), (48, 200), (7, 36), (130, 13)])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 7])
+def test_linear_is_the_matrix_product_for_every_batch_and_width(nin, nout, B):
+    """Rows 4, 2 and 1 at a time, full panels, the narrower last panel and its scalar columns,
+    rows at strides wider than their length, inside arrays with other data around them."""
+    rng = np.random.default_rng(nin * nout + B)
+    wt = rng.standard_normal((nin, nout)).astype(np.float32)
+    bias = rng.standard_normal(nout).astype(np.float32)
+    woff, boff = 32, 32 + nin * nout + 5
+    W = rng.standard_normal(boff + nout + 9).astype(np.float32)
+    W[woff:woff + nin * nout] = panel_order(wt)
+    W[boff:boff + nout] = bias
+    xs, os_ = nin + 3, nout + 11
+    X = rng.standard_normal(4 + B * xs).astype(np.float32)
+    O = np.full(2 + B * os_, 9.0, np.float32)
+    linear(W, woff, boff, nin, nout, X, 4, xs, O, 2, os_, B)
+    x = np.stack([X[4 + b * xs:4 + b * xs + nin] for b in range(B)]).astype(np.float64)
+    ref = x @ wt.astype(np.float64) + bias
+    got = np.stack([O[2 + b * os_:2 + b * os_ + nout] for b in range(B)])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(nin))
+    gaps = np.concatenate([O[:2]] + [O[2 + b * os_ + nout:2 + (b + 1) * os_] for b in range(B)])
+    assert (gaps == 9).all()  # nothing written between the rows
