@@ -19,6 +19,7 @@ engine calls it per chunk of `CHUNK` samples with that chunk's rows of the model
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -188,12 +189,54 @@ class Packed:
         return ModelState(t, tensors)
 
 
+def _threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _row_slice(state: ModelState, r0: int, r1: int) -> ModelState:
+    return ModelState(state.t, {k: v[r0:r1] for k, v in state.tensors.items()})
+
+
+class _Rows:
+    """A contiguous group of batch rows on its own: its state, scratch, tokens and sampling
+    settings. Rows never mix in the model, so two groups run at once in two threads."""
+
+    def __init__(self, engine: CpuFastEngine, state: ModelState, tok: np.ndarray,
+                 sampler: Sampler, r0: int, r1: int, want: bool) -> None:
+        p = engine.packed
+        self.r0, self.r1 = r0, r1
+        self.like = _row_slice(state, r0, r1)
+        self.S, self.offs, self.SG, self.SO = p.state_in(self.like)
+        self.scratch = engine._scratch(r1 - r0)
+        self.tok = tok[r0:r1].copy()
+        self.settings = (sampler.inv_temperatures[r0:r1].copy(), sampler.top_ks[r0:r1].copy(),
+                         sampler.top_ps[r0:r1].copy())
+        self.lbuf = np.zeros((CHUNK if want else 1, r1 - r0 if want else 1, N_TOKENS),
+                             np.float32)
+
+    def run(self, p: Packed, sched: np.ndarray, m: int, noise: np.ndarray, out: np.ndarray,
+            done: int, want: bool) -> None:
+        K.run_steps(p.W, p.GO, p.LO, self.S, self.SG, self.SO, p.ci, p.widths, p.pool, self.tok,
+                    sched, m, noise, *self.settings, out, done, want, self.lbuf, *self.scratch)
+
+
 class CpuFastEngine:
+    """`threads`: at most this many threads (default: 2, or 1 on a one-core machine). A batch of
+    one row runs in one thread (the next chunk's noise is drawn in a second one meanwhile); a
+    larger batch is split into that many groups of rows, each run by its own thread (the kernel
+    releases the GIL), which also draws its rows' noise for the next chunk."""
+
     name = "cpu-fast"
 
-    def __init__(self, model: SaShiMi, batch_size: int, device=None) -> None:
+    def __init__(self, model: SaShiMi, batch_size: int, device=None,
+                 threads: int | None = None) -> None:
         self.packed = Packed(model.eval())
         self.batch_size = batch_size
+        self.threads = max(1, threads if threads is not None else min(2, _threads()))
         self.compile_seconds: float | None = None
 
     def _scratch(self, B: int):
@@ -212,31 +255,54 @@ class CpuFastEngine:
         p = self.packed
         tok = np.array(first_token, dtype=np.int64).reshape(-1)
         B = tok.shape[0]
-        S, offs, SG, SO = p.state_in(state)
-        Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt = self._scratch(B)
-        out = np.empty((B, n), np.uint8)
         want = logits_out is not None
-        lbuf = np.zeros((CHUNK if want else 1, B if want else 1, N_TOKENS), np.float32)
+        k = min(self.threads, B)
+        bounds = [B * g // k for g in range(k + 1)]
+        groups = [_Rows(self, state, tok, sampler, bounds[g], bounds[g + 1], want)
+                  for g in range(k)]
+        out = np.empty((B, n), np.uint8)
         done, t = 0, state.t
-        # The next chunk's noise is drawn in a second thread while the kernel (nogil) runs.
-        pool = ThreadPoolExecutor(1)
-        pending = pool.submit(sampler.noise, min(CHUNK, n))
+        pool = ThreadPoolExecutor(k)
+
+        def noise(g: _Rows, m: int) -> np.ndarray:
+            return sampler.noise(m, rows=range(g.r0, g.r1)) if k > 1 else sampler.noise(m)
+
+        def work(g: _Rows, sched, m: int, nz: np.ndarray, col: int,
+                 after: int) -> np.ndarray | None:
+            g.run(p, sched, m, nz, out[g.r0:g.r1], col, want)
+            return noise(g, after) if after else None  # the next chunk's, in this thread
+
+        if k == 1:  # one group: the next chunk's noise is drawn in a second thread meanwhile
+            pending = [pool.submit(noise, groups[0], min(CHUNK, n))]
+        else:
+            pending = [pool.submit(noise, g, min(CHUNK, n)) for g in groups]
         while done < n:
             m = min(CHUNK, n - done)
-            noise = pending.result()
-            if done + m < n:
-                pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
-            t_start = time.perf_counter()
+            after = min(CHUNK, n - done - m)
             sched = p.model.schedule_table(t + done, m)
-            K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, sched, m,
-                        noise, sampler.inv_temperatures, sampler.top_ks, sampler.top_ps, out, done,
-                        want, lbuf, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt)
+            t_start = time.perf_counter()
+            if k == 1:
+                nz = pending[0].result()
+                if after:
+                    pending = [pool.submit(noise, groups[0], after)]
+                groups[0].run(p, sched, m, nz, out, done, want)
+            else:
+                jobs = [pool.submit(work, g, sched, m, f.result(), done, after)
+                        for g, f in zip(groups, pending)]
+                for j in jobs:
+                    j.result()
+                pending = jobs
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - t_start
             if want:
-                logits_out[done:done + m] = lbuf[:m]
+                for g in groups:
+                    logits_out[done:done + m, g.r0:g.r1] = g.lbuf[:m]
             done += m
             if progress is not None:
                 progress(done)
         pool.shutdown()
-        return out, p.state_out(S, offs, state, state.t + n)
+        parts = [p.state_out(g.S, g.offs, g.like, state.t + n) for g in groups]
+        if len(parts) == 1:
+            return out, parts[0]
+        return out, ModelState(state.t + n, {name: torch.cat([q.tensors[name] for q in parts])
+                                             for name in parts[0].tensors})
