@@ -15,10 +15,12 @@ from ssmgen.model import SaShiMi
 B = 2
 
 
-def tiny(name, seed=0, pool=None):
+def tiny(name, seed=0, pool=None, d_state=None):
     require_backend(name)
     torch.manual_seed(seed)
     extra = [f"model.pool={pool}", "train.sample_len=2112"] if pool else []  # 2112 = 96 * 22
+    if d_state:
+        extra.append(f"model.backend_options.{name}.d_state={d_state}")
     cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2", *extra]).model
     return perturb(SaShiMi(cfg), scale=0.05, seed=seed).eval()
 
@@ -60,6 +62,22 @@ def test_cpu_fast_matches_torch(name, sampling):
     assert np.abs(ref[2] - fast[2]).max() <= 1e-4
     assert_states_close(ref[1], fast[1])
     assert fast[1].t == 37 + n
+
+
+@pytest.mark.parametrize("name,d_state", [("s4d", 64), ("s4", 64), ("mamba", 16), ("s4d", 48)])
+def test_cpu_fast_matches_torch_with_the_state_in_whole_vectors(name, d_state):
+    """The kernels' vector paths (16 modes at a time: N/2 = 32 for S4D and S4, N = 16 for Mamba,
+    the sizes of the presets) and, for N/2 = 24, the scalar path beside them."""
+    model = tiny(name, seed=3, d_state=d_state)
+    tokens, state = prompt_state(model, length=23, batch=3)
+    first = tokens[:, -1].numpy()
+    n = 16 * 2 + 11
+    sampler = lambda: Sampler(seed=4, batch_size=3, temperature=0.9, top_k=50)  # noqa: E731
+    ref = run("torch", model, state, first, n, sampler(), batch=3)
+    fast = run("cpu-fast", model, state, first, n, sampler(), batch=3)
+    np.testing.assert_array_equal(ref[0], fast[0])
+    assert np.abs(ref[2] - fast[2]).max() <= 1e-4
+    assert_states_close(ref[1], fast[1])
 
 
 @pytest.mark.parametrize("name,pool", [("s4d", [2, 3]), ("mamba", [4, 2, 2]), ("s4", [3, 1, 2])])

@@ -6,12 +6,14 @@ vector loaded once and used for every batch row. (An axpy over the rows of the w
 stores the outputs at every input; per-row scalar accumulators were left scalar, 7 GFLOP/s.)
 These intrinsics give numba a vector type, `F32x16` (LLVM's <16 x float>: one AVX-512 register,
 two AVX2 registers, four SSE registers: correct on any x86, fastest where 512-bit registers exist),
-and the four operations such a product needs:
+and the operations such a product (and a state update over the N modes of a channel) needs:
 
     a = vload(arr, i)        # arr[i:i + 16]; arr a float32 array, i a flat index
     vstore(arr, i, a)        # arr[i:i + 16] = a
     x = vsplat(value)        # 16 copies of a scalar
     a = vfma(x, w, a)        # x * w + a, one fused multiply-add per lane
+    vmul(a, b), vadd(a, b), vsub(a, b)
+    s = vsum(a)              # the sum of the lanes (a fixed pairwise tree), a float32
 
 Indices are not checked (the caller keeps i + 16 within the array) and are never wrapped around
 (a negative index is an error, as in C). A local of type F32x16 is an SSA value: numba keeps it in
@@ -111,3 +113,51 @@ def vfma(typingctx, x, w, a):
         return builder.call(fma, args)
 
     return f32x16(x, w, a), codegen
+
+
+def _binary_codegen(op: str):
+    def codegen(context, builder, sig, args):
+        return getattr(builder, op)(*args)
+    return codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b lane by lane."""
+    if a == f32x16 and b == f32x16:
+        return f32x16(a, b), _binary_codegen("fmul")
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b lane by lane."""
+    if a == f32x16 and b == f32x16:
+        return f32x16(a, b), _binary_codegen("fadd")
+
+
+@intrinsic
+def vsub(typingctx, a, b):
+    """a - b lane by lane."""
+    if a == f32x16 and b == f32x16:
+        return f32x16(a, b), _binary_codegen("fsub")
+
+
+@intrinsic
+def vsum(typingctx, a):
+    """The sum of the 16 lanes: halves added pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1)."""
+    if a != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v, n = args[0], LANES
+        while n > 1:
+            n //= 2
+            undef = ir.Constant(v.type, ir.Undefined)
+            lo = builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), n),
+                                                              list(range(n))))
+            hi = builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), n),
+                                                              list(range(n, 2 * n))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(a), codegen
