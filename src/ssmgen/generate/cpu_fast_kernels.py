@@ -461,11 +461,71 @@ def s4_rank1_row(Er, Ei, Gr, Gi, pr, pi, GPr, GPi, B2r, B2i, Cr, Ci, D, Sinv, xr
 
 
 @njit(**JIT)
+def s4_rank1_vec(W, lo, S, so, U, Y, w, B, cap, T1, tmp):
+    """`s4_step` at rank 1 with N2 a multiple of 16: the modes 16 at a time, channel by channel,
+    each row of the batch in turn while the channel's coefficients are in L1; v between the
+    passes in T1 (its row: v_re [0, N2), v_im [N2, 2 N2))."""
+    N2 = lo[S_N2]
+    M = w * N2
+    zero = vsplat(0.0)
+    D = W[lo[S_D]:lo[S_D] + w]
+    Sinv = W[lo[S_SINV]:lo[S_SINV] + w]
+    pr0, pi0 = lo[S_P_RE], lo[S_P_IM]
+    b2r0, b2i0 = lo[S_B2_RE], lo[S_B2_IM]
+    for h in range(w):
+        c0 = h * N2
+        er0, ei0 = lo[S_E_RE] + c0, lo[S_E_IM] + c0
+        gr0, gi0 = lo[S_G_RE] + c0, lo[S_G_IM] + c0
+        gpr0, gpi0 = lo[S_GP_RE] + c0, lo[S_GP_IM] + c0
+        cr0, ci0 = lo[S_C2_RE] + c0, lo[S_C2_IM] + c0
+        for b in range(B):
+            u = U[b * cap + h]
+            uv = vsplat(u)
+            xr0 = so[0] + b * M + c0
+            xi0 = so[1] + b * M + c0
+            v0 = b * tmp
+            acc = zero
+            for k in range(0, N2, LANES):
+                acc = vfma(vload(S, xr0 + k), vload(W, pr0 + k),
+                           vfma(vload(S, xi0 + k), vload(W, pi0 + k), acc))
+            av = vsplat(2 * vsum(acc))
+            acc = zero
+            for k in range(0, N2, LANES):
+                xr = vload(S, xr0 + k)
+                xi = vload(S, xi0 + k)
+                er = vload(W, er0 + k)
+                ei = vload(W, ei0 + k)
+                wr = vsub(vsub(vfma(er, xr, vmul(vload(W, b2r0 + k), uv)), vmul(ei, xi)),
+                          vmul(av, vload(W, pr0 + k)))
+                wi = vsub(vfma(er, xi, vfma(ei, xr, vmul(vload(W, b2i0 + k), uv))),
+                          vmul(av, vload(W, pi0 + k)))
+                gr = vload(W, gr0 + k)
+                gi = vload(W, gi0 + k)
+                v1 = vsub(vmul(gr, wr), vmul(gi, wi))
+                v2 = vfma(gr, wi, vmul(gi, wr))
+                vstore(T1, v0 + k, v1)
+                vstore(T1, v0 + N2 + k, v2)
+                acc = vfma(v1, vload(W, pr0 + k), vfma(v2, vload(W, pi0 + k), acc))
+            bb = vsplat(Sinv[h] * 2 * vsum(acc))
+            acc = zero
+            for k in range(0, N2, LANES):
+                nr = vsub(vload(T1, v0 + k), vmul(bb, vload(W, gpr0 + k)))
+                ni = vsub(vload(T1, v0 + N2 + k), vmul(bb, vload(W, gpi0 + k)))
+                vstore(S, xr0 + k, nr)
+                vstore(S, xi0 + k, ni)
+                acc = vsub(vfma(vload(W, cr0 + k), nr, acc), vmul(vload(W, ci0 + k), ni))
+            Y[b * cap + h] = vsum(acc) + D[h] * u
+
+
+@njit(**JIT)
 def s4_step(W, lo, S, so, U, Y, w, B, cap, T1, tmp):
     """S4 DPLR ("s4" layout), the O(N) Woodbury step of backends/s4.py (`S4.advance`), per
     channel: a = 2 Re(P^* x); w = E x - P a + 2 B u; v = G w; c = 2 Re(P^* v); x' = v - GP Sinv c;
     y = Re(2C x') + D u. P (R, N/2) and B are shared by the channels."""
     N2, R = lo[S_N2], lo[S_R]
+    if R == 1 and N2 % LANES == 0:
+        s4_rank1_vec(W, lo, S, so, U, Y, w, B, cap, T1, tmp)
+        return
     M = w * N2
     Er = W[lo[S_E_RE]:lo[S_E_RE] + M].reshape(w, N2)
     Ei = W[lo[S_E_IM]:lo[S_E_IM] + M].reshape(w, N2)
