@@ -14,6 +14,7 @@ and the operations such a product (and a state update over the N modes of a chan
     a = vfma(x, w, a)        # x * w + a, one fused multiply-add per lane
     vmul(a, b), vadd(a, b), vsub(a, b)
     s = vsum(a)              # the sum of the lanes (a fixed pairwise tree), a float32
+    s = vlane(a, k)          # lane k, a float32
 
 Indices are not checked (the caller keeps i + 16 within the array) and are never wrapped around
 (a negative index is an error, as in C). A local of type F32x16 is an SSA value: numba keeps it in
@@ -161,3 +162,16 @@ def vsum(typingctx, a):
         return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
     return types.float32(a), codegen
+
+
+@intrinsic
+def vlane(typingctx, a, k):
+    """Lane k of a (0 <= k < 16), a float32."""
+    if not (a == f32x16 and isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.extract_element(args[0], i)
+
+    return types.float32(a, k), codegen

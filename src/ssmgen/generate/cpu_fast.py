@@ -68,7 +68,9 @@ class _Flat:
         return self.add(K.panel_order(np.asarray(wt, dtype=np.float32)))
 
     def array(self) -> np.ndarray:
-        return np.concatenate(self.parts) if self.parts else np.zeros(ALIGN, np.float32)
+        """The packed array, with K.PANEL zeros after the last block: the product kernel reads a
+        bias a whole panel (64 floats) at a time, past the end of a shorter one."""
+        return np.concatenate(self.parts + [np.zeros(K.PANEL, np.float32)])
 
 
 def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from numba import njit
 
 from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
-from ssmgen.simd import LANES, vadd, vfma, vload, vmul, vsplat, vstore, vsub, vsum
+from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
 from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
 
@@ -85,8 +85,8 @@ def linear(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride, B):
     """O[b, o] = bias[o] + sum_i X[b, i] W[i, o] for the B rows of X (row b at xoff + b xstride)
     and O (at ooff + b ostride); W is a (nin, nout) map packed in column panels at woff
     (`panel_order`), the bias at boff. Rows go 4, then 2, then 1 at a time through a register-
-    blocked product: each 16-float weight vector is loaded once per group of rows, every output
-    of the panel stays in a register across the whole loop over the inputs."""
+    blocked product: each 16-float weight vector is loaded once per group of rows, and the 64
+    outputs of a panel stay in registers across the whole loop over the inputs."""
     b = 0
     while b + 4 <= B:
         _linear4(W, woff, boff, nin, nout, X, xoff + b * xstride, xstride, O,
@@ -101,10 +101,29 @@ def linear(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride, B):
 
 
 @njit(**JIT)
+def _store_panel(O, o, n, a0, a1, a2, a3):
+    """O[o:o + n] = the first n of the panel's 64 outputs (the last panel of a map may hold fewer
+    than 64 columns: its padding lanes are never written)."""
+    if n >= PANEL:
+        vstore(O, o, a0)
+        vstore(O, o + 16, a1)
+        vstore(O, o + 32, a2)
+        vstore(O, o + 48, a3)
+        return
+    for k in range(min(n, 16)):
+        O[o + k] = vlane(a0, k)
+    for k in range(16, min(n, 32)):
+        O[o + k] = vlane(a1, k - 16)
+    for k in range(32, min(n, 48)):
+        O[o + k] = vlane(a2, k - 32)
+    for k in range(48, n):
+        O[o + k] = vlane(a3, k - 48)
+
+
+@njit(**JIT)
 def _linear1(W, woff, boff, nin, nout, X, xoff, O, ooff):
     x = X[xoff:xoff + nin]
-    ob = 0
-    while ob + PANEL <= nout:
+    for ob in range(0, nout, PANEL):
         p = woff + ob * nin
         a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
         a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
@@ -115,23 +134,14 @@ def _linear1(W, woff, boff, nin, nout, X, xoff, O, ooff):
             a2 = vfma(xi, vload(W, p + 32), a2)
             a3 = vfma(xi, vload(W, p + 48), a3)
             p += PANEL
-        o = ooff + ob
-        vstore(O, o, a0)
-        vstore(O, o + 16, a1)
-        vstore(O, o + 32, a2)
-        vstore(O, o + 48, a3)
-        ob += PANEL
-    if ob < nout:
-        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, 0, O, ooff + ob,
-                     0, 1)
+        _store_panel(O, ooff + ob, nout - ob, a0, a1, a2, a3)
 
 
 @njit(**JIT)
 def _linear2(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
     x = X[xoff:xoff + nin]
     y = X[xoff + xstride:xoff + xstride + nin]
-    ob = 0
-    while ob + PANEL <= nout:
+    for ob in range(0, nout, PANEL):
         p = woff + ob * nin
         a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
         a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
@@ -146,20 +156,8 @@ def _linear2(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
             b0, b1 = vfma(xi, w0, b0), vfma(xi, w1, b1)
             b2, b3 = vfma(xi, w2, b2), vfma(xi, w3, b3)
             p += PANEL
-        o = ooff + ob
-        vstore(O, o, a0)
-        vstore(O, o + 16, a1)
-        vstore(O, o + 32, a2)
-        vstore(O, o + 48, a3)
-        o += ostride
-        vstore(O, o, b0)
-        vstore(O, o + 16, b1)
-        vstore(O, o + 32, b2)
-        vstore(O, o + 48, b3)
-        ob += PANEL
-    if ob < nout:
-        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, xstride, O,
-                     ooff + ob, ostride, 2)
+        _store_panel(O, ooff + ob, nout - ob, a0, a1, a2, a3)
+        _store_panel(O, ooff + ostride + ob, nout - ob, b0, b1, b2, b3)
 
 
 @njit(**JIT)
@@ -168,8 +166,7 @@ def _linear4(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
     y = X[xoff + xstride:xoff + xstride + nin]
     z = X[xoff + 2 * xstride:xoff + 2 * xstride + nin]
     u = X[xoff + 3 * xstride:xoff + 3 * xstride + nin]
-    ob = 0
-    while ob + PANEL <= nout:
+    for ob in range(0, nout, PANEL):
         p = woff + ob * nin
         a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
         a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
@@ -192,65 +189,21 @@ def _linear4(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
             d0, d1 = vfma(xi, w0, d0), vfma(xi, w1, d1)
             d2, d3 = vfma(xi, w2, d2), vfma(xi, w3, d3)
             p += PANEL
-        o = ooff + ob
-        vstore(O, o, a0)
-        vstore(O, o + 16, a1)
-        vstore(O, o + 32, a2)
-        vstore(O, o + 48, a3)
-        o += ostride
-        vstore(O, o, b0)
-        vstore(O, o + 16, b1)
-        vstore(O, o + 32, b2)
-        vstore(O, o + 48, b3)
-        o += ostride
-        vstore(O, o, c0)
-        vstore(O, o + 16, c1)
-        vstore(O, o + 32, c2)
-        vstore(O, o + 48, c3)
-        o += ostride
-        vstore(O, o, d0)
-        vstore(O, o + 16, d1)
-        vstore(O, o + 32, d2)
-        vstore(O, o + 48, d3)
-        ob += PANEL
-    if ob < nout:
-        _linear_tail(W, woff + ob * nin, boff + ob, nin, nout - ob, X, xoff, xstride, O,
-                     ooff + ob, ostride, 4)
-
-
-@njit(**JIT)
-def _linear_tail(W, poff, boff, nin, wd, X, xoff, xstride, O, ooff, ostride, B):
-    """The last, narrower panel (wd < PANEL columns, stored (nin, wd) at poff), row by row:
-    16 columns at a time, then one at a time."""
-    for b in range(B):
-        x = X[xoff + b * xstride:xoff + b * xstride + nin]
-        o = ooff + b * ostride
-        c = 0
-        while c + 16 <= wd:
-            a = vload(W, boff + c)
-            p = poff + c
-            for i in range(nin):
-                a = vfma(vsplat(x[i]), vload(W, p), a)
-                p += wd
-            vstore(O, o + c, a)
-            c += 16
-        orow = O[o + c:o + wd]
-        bias = W[boff + c:boff + wd]
-        for k in range(wd - c):
-            acc = bias[k]
-            col = W[poff + c + k:poff + c + k + (nin - 1) * wd + 1]
-            for i in range(nin):
-                acc += x[i] * col[i * wd]
-            orow[k] = acc
+        n = nout - ob
+        _store_panel(O, ooff + ob, n, a0, a1, a2, a3)
+        _store_panel(O, ooff + ostride + ob, n, b0, b1, b2, b3)
+        _store_panel(O, ooff + 2 * ostride + ob, n, c0, c1, c2, c3)
+        _store_panel(O, ooff + 3 * ostride + ob, n, d0, d1, d2, d3)
 
 
 def panel_order(wt: np.ndarray) -> np.ndarray:
-    """A (nin, nout) map in the order `linear` reads it: column panels of PANEL (the last one
-    narrower), each a row-major (nin, width) block, one after the other. Every weight of a panel
-    is then read in one forward stream."""
+    """A (nin, nout) map in the order `linear` reads it: column panels of PANEL, each a row-major
+    (nin, PANEL) block, one after the other, the last one padded with zero columns (so every
+    weight of a panel is read in one forward stream, 4 vectors per input)."""
     nin, nout = wt.shape
-    return np.concatenate([np.ascontiguousarray(wt[:, ob:ob + PANEL]).ravel()
-                           for ob in range(0, nout, PANEL)]) if nout else wt.ravel()
+    padded = np.zeros((nin, -(-nout // PANEL) * PANEL), np.float32)
+    padded[:, :nout] = wt
+    return np.ascontiguousarray(padded.reshape(nin, -1, PANEL).transpose(1, 0, 2)).ravel()
 
 
 @njit(**JIT)
