@@ -335,15 +335,22 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
         r = b * tmp
         xz = T1[r:r + 2 * E]
         xc = T1[r + 2 * E:r + 3 * E]
-        for e in range(E):
-            acc = convb[e] + xz[e] * convw[e, Kp]
-            for k in range(Kp):
-                acc += cs[e, k] * convw[e, k]
-            for k in range(Kp - 1):
-                cs[e, k] = cs[e, k + 1]
-            if Kp > 0:
-                cs[e, Kp - 1] = xz[e]
-            xc[e] = acc
+        if Kp == 3:  # d_conv 4, the usual: unrolled, so the loop over channels vectorizes
+            for e in range(E):
+                x0, x1, x2, x3 = cs[e, 0], cs[e, 1], cs[e, 2], xz[e]
+                xc[e] = (convb[e] + x3 * convw[e, 3] + x0 * convw[e, 0] + x1 * convw[e, 1]
+                         + x2 * convw[e, 2])
+                cs[e, 0], cs[e, 1], cs[e, 2] = x1, x2, x3
+        else:
+            for e in range(E):
+                acc = convb[e] + xz[e] * convw[e, Kp]
+                for k in range(Kp):
+                    acc += cs[e, k] * convw[e, k]
+                for k in range(Kp - 1):
+                    cs[e, k] = cs[e, k + 1]
+                if Kp > 0:
+                    cs[e, Kp - 1] = xz[e]
+                xc[e] = acc
         silu(xc, E, T2[r:r + E], T2[r + E * N:r + E * N + E].view(np.int32))
     linear(W, lo[M_X_W], lo[M_X_B], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
     linear(W, lo[M_DT_W], lo[M_DT_B], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
@@ -364,21 +371,39 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
         ibuf = T2[r + E * N:r + 2 * E * N].view(np.int32)
         silu(gate, E, dA, ibuf)
         softplus(dt, E, dA, ibuf)
+        if N % LANES:
+            for e in range(E):
+                d = dt[e]
+                row = dA[e * N:(e + 1) * N]
+                for n in range(N):
+                    row[n] = d * A[e, n]
+            exp_floored(dA, E * N, EXP_FLOOR, ibuf)
+            dA2 = dA.reshape(E, N)
+            for e in range(E):
+                dx = dt[e] * xc[e]
+                acc = np.float32(0.0)
+                for n in range(N):
+                    hn = dA2[e, n] * h[e, n] + dx * Bv[n]
+                    h[e, n] = hn
+                    acc += hn * Cv[n]
+                y[e] = (acc + D[e] * xc[e]) * gate[e]
+            continue
+        # N a multiple of 16 (16, the usual): the modes 16 at a time
+        a0, h0, d0 = lo[M_A], so[1] + b * E * N, r + 6 * E + R
         for e in range(E):
-            d = dt[e]
-            row = dA[e * N:(e + 1) * N]
-            for n in range(N):
-                row[n] = d * A[e, n]
+            dv = vsplat(dt[e])
+            for k in range(0, N, LANES):
+                vstore(dA, e * N + k, vmul(dv, vload(W, a0 + e * N + k)))
         exp_floored(dA, E * N, EXP_FLOOR, ibuf)
-        dA2 = dA.reshape(E, N)
         for e in range(E):
-            dx = dt[e] * xc[e]
-            acc = np.float32(0.0)
-            for n in range(N):
-                hn = dA2[e, n] * h[e, n] + dx * Bv[n]
-                h[e, n] = hn
-                acc += hn * Cv[n]
-            y[e] = (acc + D[e] * xc[e]) * gate[e]
+            dx = vsplat(dt[e] * xc[e])
+            acc = vsplat(0.0)
+            for k in range(0, N, LANES):
+                i = e * N + k
+                hn = vfma(vload(dA, i), vload(S, h0 + i), vmul(dx, vload(T1, d0 + k)))
+                vstore(S, h0 + i, hn)
+                acc = vfma(hn, vload(T1, d0 + N + k), acc)
+            y[e] = (vsum(acc) + D[e] * xc[e]) * gate[e]
     linear(W, lo[M_OUT_W], lo[M_OUT_B], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
 
 
