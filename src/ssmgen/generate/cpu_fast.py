@@ -20,6 +20,7 @@ engine calls it per chunk of `CHUNK` samples with that chunk's rows of the model
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -229,8 +230,8 @@ class _Rows:
 class CpuFastEngine:
     """`threads`: at most this many threads (default: 2, or 1 on a one-core machine). A batch of
     one row runs in one thread (the next chunk's noise is drawn in a second one meanwhile); a
-    larger batch is split into that many groups of rows, each run by its own thread (the kernel
-    releases the GIL), which also draws its rows' noise for the next chunk."""
+    larger batch is split into that many groups of rows, each run by its own thread from start to
+    end (the kernel releases the GIL), drawing its own rows' noise between its chunks."""
 
     name = "cpu-fast"
 
@@ -254,7 +255,6 @@ class CpuFastEngine:
                  progress: Callable[[int], None] | None = None,
                  logits_out: np.ndarray | None = None) -> tuple[np.ndarray, ModelState]:
         """n tokens (B, n) uint8 and the final state; `logits_out` (n, B, 256) gets the logits."""
-        p = self.packed
         tok = np.array(first_token, dtype=np.int64).reshape(-1)
         B = tok.shape[0]
         want = logits_out is not None
@@ -263,48 +263,83 @@ class CpuFastEngine:
         groups = [_Rows(self, state, tok, sampler, bounds[g], bounds[g + 1], want)
                   for g in range(k)]
         out = np.empty((B, n), np.uint8)
-        done, t = 0, state.t
         pool = ThreadPoolExecutor(k)
-
-        def noise(g: _Rows, m: int) -> np.ndarray:
-            return sampler.noise(m, rows=range(g.r0, g.r1)) if k > 1 else sampler.noise(m)
-
-        def work(g: _Rows, sched, m: int, nz: np.ndarray, col: int,
-                 after: int) -> np.ndarray | None:
-            g.run(p, sched, m, nz, out[g.r0:g.r1], col, want)
-            return noise(g, after) if after else None  # the next chunk's, in this thread
-
-        if k == 1:  # one group: the next chunk's noise is drawn in a second thread meanwhile
-            pending = [pool.submit(noise, groups[0], min(CHUNK, n))]
-        else:
-            pending = [pool.submit(noise, g, min(CHUNK, n)) for g in groups]
-        while done < n:
-            m = min(CHUNK, n - done)
-            after = min(CHUNK, n - done - m)
-            sched = p.model.schedule_table(t + done, m)
-            t_start = time.perf_counter()
+        try:
             if k == 1:
-                nz = pending[0].result()
-                if after:
-                    pending = [pool.submit(noise, groups[0], after)]
-                groups[0].run(p, sched, m, nz, out, done, want)
+                self._run(groups[0], state.t, n, sampler, out, logits_out, progress, pool)
             else:
-                jobs = [pool.submit(work, g, sched, m, f.result(), done, after)
-                        for g, f in zip(groups, pending)]
-                for j in jobs:
-                    j.result()
-                pending = jobs
-            if self.compile_seconds is None:
-                self.compile_seconds = time.perf_counter() - t_start
-            if want:
-                for g in groups:
-                    logits_out[done:done + m, g.r0:g.r1] = g.lbuf[:m]
-            done += m
-            if progress is not None:
-                progress(done)
-        pool.shutdown()
-        parts = [p.state_out(g.S, g.offs, g.like, state.t + n) for g in groups]
+                self._run_groups(groups, state.t, n, sampler, out, logits_out, progress, pool)
+        finally:
+            pool.shutdown()
+        parts = [self.packed.state_out(g.S, g.offs, g.like, state.t + n) for g in groups]
         if len(parts) == 1:
             return out, parts[0]
         return out, ModelState(state.t + n, {name: torch.cat([q.tensors[name] for q in parts])
                                              for name in parts[0].tensors})
+
+    def _chunk(self, g: _Rows, t: int, done: int, m: int, noise: np.ndarray, out: np.ndarray,
+               logits_out: np.ndarray | None) -> None:
+        """Steps done .. done + m of group g (the schedule from the model's own table)."""
+        p = self.packed
+        t_start = time.perf_counter()
+        g.run(p, p.model.schedule_table(t + done, m), m, noise, out[g.r0:g.r1], done,
+              logits_out is not None)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - t_start
+        if logits_out is not None:
+            logits_out[done:done + m, g.r0:g.r1] = g.lbuf[:m]
+
+    def _run(self, g: _Rows, t: int, n: int, sampler: Sampler, out, logits_out, progress,
+             pool: ThreadPoolExecutor) -> None:
+        """One group in this thread; the next chunk's noise is drawn in `pool` meanwhile."""
+        pending = pool.submit(sampler.noise, min(CHUNK, n))
+        done = 0
+        while done < n:
+            m = min(CHUNK, n - done)
+            noise = pending.result()
+            if done + m < n:
+                pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
+            self._chunk(g, t, done, m, noise, out, logits_out)
+            done += m
+            if progress is not None:
+                progress(done)
+
+    def _run_groups(self, groups: list[_Rows], t: int, n: int, sampler: Sampler, out, logits_out,
+                    progress, pool: ThreadPoolExecutor) -> None:
+        """Each group in a thread of its own, all its chunks, drawing its rows' noise itself
+        between them: no group waits for another (on a busy machine, a thread that lost its core
+        for a while does not stall the other). Progress: the samples every row has."""
+        done = [0] * len(groups)
+        errors: list[BaseException] = []
+        cond = threading.Condition()
+
+        def work(i: int, g: _Rows) -> None:
+            rows = range(g.r0, g.r1)
+            d = 0
+            try:
+                while d < n:
+                    m = min(CHUNK, n - d)
+                    self._chunk(g, t, d, m, sampler.noise(m, rows=rows), out, logits_out)
+                    d += m
+                    with cond:
+                        done[i] = d
+                        cond.notify()
+            except BaseException as e:
+                with cond:
+                    errors.append(e)
+                    cond.notify()
+
+        jobs = [pool.submit(work, i, g) for i, g in enumerate(groups)]
+        reported = 0
+        while reported < n:
+            with cond:
+                cond.wait_for(lambda: min(done) > reported or errors)
+                if errors:
+                    break
+                reported = min(done)
+            if progress is not None:
+                progress(reported)
+        for j in jobs:
+            j.result()
+        if errors:
+            raise errors[0]
