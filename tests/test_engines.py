@@ -15,10 +15,12 @@ from ssmgen.model import SaShiMi
 B = 2
 
 
-def tiny(name, seed=0, pool=None):
+def tiny(name, seed=0, pool=None, d_state=None):
     require_backend(name)
     torch.manual_seed(seed)
     extra = [f"model.pool={pool}", "train.sample_len=2112"] if pool else []  # 2112 = 96 * 22
+    if d_state:
+        extra.append(f"model.backend_options.{name}.d_state={d_state}")
     cfg = load_config("tiny", backend=name, overrides=["model.n_layers=2", *extra]).model
     return perturb(SaShiMi(cfg), scale=0.05, seed=seed).eval()
 
@@ -60,6 +62,22 @@ def test_cpu_fast_matches_torch(name, sampling):
     assert np.abs(ref[2] - fast[2]).max() <= 1e-4
     assert_states_close(ref[1], fast[1])
     assert fast[1].t == 37 + n
+
+
+@pytest.mark.parametrize("name,d_state", [("s4d", 64), ("s4", 64), ("mamba", 16), ("s4d", 48)])
+def test_cpu_fast_matches_torch_with_the_state_in_whole_vectors(name, d_state):
+    """The kernels' vector paths (16 modes at a time: N/2 = 32 for S4D and S4, N = 16 for Mamba,
+    the sizes of the presets) and, for N/2 = 24, the scalar path beside them."""
+    model = tiny(name, seed=3, d_state=d_state)
+    tokens, state = prompt_state(model, length=23, batch=3)
+    first = tokens[:, -1].numpy()
+    n = 16 * 2 + 11
+    sampler = lambda: Sampler(seed=4, batch_size=3, temperature=0.9, top_k=50)  # noqa: E731
+    ref = run("torch", model, state, first, n, sampler(), batch=3)
+    fast = run("cpu-fast", model, state, first, n, sampler(), batch=3)
+    np.testing.assert_array_equal(ref[0], fast[0])
+    assert np.abs(ref[2] - fast[2]).max() <= 1e-4
+    assert_states_close(ref[1], fast[1])
 
 
 @pytest.mark.parametrize("name,pool", [("s4d", [2, 3]), ("mamba", [4, 2, 2]), ("s4", [3, 1, 2])])
@@ -293,3 +311,46 @@ def test_per_row_settings_in_every_engine_and_each_row_alone():
         alone, _ = one.generate(s_b, first[b:b + 1], n, Sampler(
             row_seeds=[SEEDS[b]], **{k: v[b] for k, v in ROWS.items()}))
         np.testing.assert_array_equal(alone[0], fast[0][b])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("batch", [3, 4])
+def test_cpu_fast_batches_with_per_row_settings_match_torch(name, batch):
+    """Batches of 3 and 4 (two groups of rows in two threads: 2 + 1, 2 + 2), each row with its
+    own temperature, top-k and top-p: cpu-fast is torch token for token, logits within 1e-4."""
+    model = tiny(name, seed=2)
+    tokens, state = prompt_state(model, length=27, batch=batch)
+    first = tokens[:, -1].numpy()
+    n = 16 * 3 + 5
+    rows = {k: v[:batch] for k, v in ROWS.items()}
+
+    def sampler():
+        return Sampler(row_seeds=SEEDS[:batch], **rows)
+    ref = run("torch", model, state, first, n, sampler(), batch=batch)
+    fast = run("cpu-fast", model, state, first, n, sampler(), batch=batch)
+    np.testing.assert_array_equal(ref[0], fast[0])
+    assert np.abs(ref[2] - fast[2]).max() <= 1e-4
+    assert_states_close(ref[1], fast[1])
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5])
+def test_cpu_fast_gives_the_same_bits_in_one_thread_and_in_two(batch):
+    """Splitting the rows between threads (and the products' groups of 4, 2 and 1 rows) changes
+    no row's arithmetic: tokens, logits and states are bitwise those of one thread."""
+    from ssmgen.generate.cpu_fast import CpuFastEngine
+    model = tiny("mamba", seed=4)
+    tokens, state = prompt_state(model, length=19, batch=batch)
+    first = tokens[:, -1].numpy()
+    n = 1024 + 37  # crosses a chunk: the next chunk's noise is drawn per group
+
+    def gen(threads):
+        logits = np.zeros((n, batch, 256), np.float32)
+        eng = CpuFastEngine(model, batch, threads=threads)
+        toks, final = eng.generate(state, first, n, Sampler(seed=11, batch_size=batch,
+                                                            temperature=1.2),
+                                   logits_out=logits)
+        return toks, final, logits
+    one, two = gen(1), gen(2)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[2], two[2])
+    assert_states_close(one[1], two[1], tol=0.0)

@@ -52,11 +52,14 @@ State = tuple[Tensor, ...]
 @dataclass(frozen=True)
 class FastField:
     """One tensor of a fast step: its name, its shape in the layout's dimensions (a dimension is a
-    name, or a sum of multiples of names such as "R+2*N"), and what it holds."""
+    name, or a sum of multiples of names such as "R+2*N"), and what it holds. `linear`: a linear
+    map (in, out) that the kernels multiply by (the engine may store its entries in another
+    order, e.g. in column panels; the values are those given)."""
 
     name: str
     shape: tuple[str, ...]
     doc: str
+    linear: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ class FastLayout:
         return [f.name for f in self.fields]
 
 
-def _f(name: str, shape: str, doc: str) -> FastField:
-    return FastField(name, tuple(d.strip() for d in shape.split(",") if d.strip()), doc)
+def _f(name: str, shape: str, doc: str, linear: bool = False) -> FastField:
+    return FastField(name, tuple(d.strip() for d in shape.split(",") if d.strip()), doc, linear)
 
 
 #: The step forms the cpu-fast kernels compute, by `SequenceBackend.fast_kind`. Field order is
@@ -121,17 +124,17 @@ FAST_LAYOUTS: dict[str, FastLayout] = {
             "y = (C.h + D x) SiLU(z); out_proj(y)",
         dims=("E", "N", "R", "K"),
         fields=(
-            _f("in_proj_w", "H, 2*E", "in_proj, (in, out)"),
+            _f("in_proj_w", "H, 2*E", "in_proj, (in, out)", linear=True),
             _f("in_proj_b", "2*E", "its bias (zeros if none)"),
             _f("conv_w", "E, K", "depthwise conv taps, the newest input last"),
             _f("conv_b", "E", "conv bias (zeros if none)"),
-            _f("x_proj_w", "E, R+2*N", "x_proj, (in, out): dt (R), B (N), C (N)"),
+            _f("x_proj_w", "E, R+2*N", "x_proj, (in, out): dt (R), B (N), C (N)", linear=True),
             _f("x_proj_b", "R+2*N", "its bias (zeros if none)"),
-            _f("dt_proj_w", "R, E", "dt_proj, (in, out)"),
+            _f("dt_proj_w", "R, E", "dt_proj, (in, out)", linear=True),
             _f("dt_proj_b", "E", "dt_proj's bias (added before the softplus)"),
             _f("A", "E, N", "A = -exp(A_log)"),
             _f("D", "E", "skip"),
-            _f("out_proj_w", "E, H", "out_proj, (in, out)"),
+            _f("out_proj_w", "E, H", "out_proj, (in, out)", linear=True),
             _f("out_proj_b", "H", "its bias (zeros if none)"),
         )),
 }

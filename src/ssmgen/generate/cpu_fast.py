@@ -19,6 +19,8 @@ engine calls it per chunk of `CHUNK` samples with that chunk's rows of the model
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -62,12 +64,18 @@ class _Flat:
         self.n += a.size + pad
         return off
 
+    def add_linear(self, wt) -> int:
+        """A (in, out) map, stored in the column panels the product kernel reads."""
+        return self.add(K.panel_order(np.asarray(wt, dtype=np.float32)))
+
     def array(self) -> np.ndarray:
-        return np.concatenate(self.parts) if self.parts else np.zeros(ALIGN, np.float32)
+        """The packed array, with K.PANEL zeros after the last block: the product kernel reads a
+        bias a whole panel (64 floats) at a time, past the end of a shorter one."""
+        return np.concatenate(self.parts + [np.zeros(K.PANEL, np.float32)])
 
 
 def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
-    return f.add(_np(lin.weight).T), f.add(_np(lin.bias))
+    return f.add_linear(_np(lin.weight).T), f.add(_np(lin.bias))
 
 
 def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, int]]:
@@ -88,7 +96,8 @@ def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, i
     except ValueError as e:
         raise UserError(f"engine cpu-fast: backend {name}: {e}; use --engine torch") from None
     layout = FAST_LAYOUTS[kind]
-    offsets = [f.add(_np(tensors[n])) for n in layout.names()]
+    offsets = [(f.add_linear if fld.linear else f.add)(_np(tensors[fld.name]))
+               for fld in layout.fields]
     return offsets + [dims[d] for d in layout.dims], dims
 
 
@@ -183,12 +192,54 @@ class Packed:
         return ModelState(t, tensors)
 
 
+def _threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _row_slice(state: ModelState, r0: int, r1: int) -> ModelState:
+    return ModelState(state.t, {k: v[r0:r1] for k, v in state.tensors.items()})
+
+
+class _Rows:
+    """A contiguous group of batch rows on its own: its state, scratch, tokens and sampling
+    settings. Rows never mix in the model, so two groups run at once in two threads."""
+
+    def __init__(self, engine: CpuFastEngine, state: ModelState, tok: np.ndarray,
+                 sampler: Sampler, r0: int, r1: int, want: bool) -> None:
+        p = engine.packed
+        self.r0, self.r1 = r0, r1
+        self.like = _row_slice(state, r0, r1)
+        self.S, self.offs, self.SG, self.SO = p.state_in(self.like)
+        self.scratch = engine._scratch(r1 - r0)
+        self.tok = tok[r0:r1].copy()
+        self.settings = (sampler.inv_temperatures[r0:r1].copy(), sampler.top_ks[r0:r1].copy(),
+                         sampler.top_ps[r0:r1].copy())
+        self.lbuf = np.zeros((CHUNK if want else 1, r1 - r0 if want else 1, N_TOKENS),
+                             np.float32)
+
+    def run(self, p: Packed, sched: np.ndarray, m: int, noise: np.ndarray, out: np.ndarray,
+            done: int, want: bool) -> None:
+        K.run_steps(p.W, p.GO, p.LO, self.S, self.SG, self.SO, p.ci, p.widths, p.pool, self.tok,
+                    sched, m, noise, *self.settings, out, done, want, self.lbuf, *self.scratch)
+
+
 class CpuFastEngine:
+    """`threads`: at most this many threads (default: 2, or 1 on a one-core machine). A batch of
+    one row runs in one thread (the next chunk's noise is drawn in a second one meanwhile); a
+    larger batch is split into that many groups of rows, each run by its own thread from start to
+    end (the kernel releases the GIL), drawing its own rows' noise between its chunks."""
+
     name = "cpu-fast"
 
-    def __init__(self, model: SaShiMi, batch_size: int, device=None) -> None:
+    def __init__(self, model: SaShiMi, batch_size: int, device=None,
+                 threads: int | None = None) -> None:
         self.packed = Packed(model.eval())
         self.batch_size = batch_size
+        self.threads = max(1, threads if threads is not None else min(2, _threads()))
         self.compile_seconds: float | None = None
 
     def _scratch(self, B: int):
@@ -204,34 +255,91 @@ class CpuFastEngine:
                  progress: Callable[[int], None] | None = None,
                  logits_out: np.ndarray | None = None) -> tuple[np.ndarray, ModelState]:
         """n tokens (B, n) uint8 and the final state; `logits_out` (n, B, 256) gets the logits."""
-        p = self.packed
         tok = np.array(first_token, dtype=np.int64).reshape(-1)
         B = tok.shape[0]
-        S, offs, SG, SO = p.state_in(state)
-        Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt = self._scratch(B)
-        out = np.empty((B, n), np.uint8)
         want = logits_out is not None
-        lbuf = np.zeros((CHUNK if want else 1, B if want else 1, N_TOKENS), np.float32)
-        done, t = 0, state.t
-        # The next chunk's noise is drawn in a second thread while the kernel (nogil) runs.
-        pool = ThreadPoolExecutor(1)
+        k = min(self.threads, B)
+        bounds = [B * g // k for g in range(k + 1)]
+        groups = [_Rows(self, state, tok, sampler, bounds[g], bounds[g + 1], want)
+                  for g in range(k)]
+        out = np.empty((B, n), np.uint8)
+        pool = ThreadPoolExecutor(k)
+        try:
+            if k == 1:
+                self._run(groups[0], state.t, n, sampler, out, logits_out, progress, pool)
+            else:
+                self._run_groups(groups, state.t, n, sampler, out, logits_out, progress, pool)
+        finally:
+            pool.shutdown()
+        parts = [self.packed.state_out(g.S, g.offs, g.like, state.t + n) for g in groups]
+        if len(parts) == 1:
+            return out, parts[0]
+        return out, ModelState(state.t + n, {name: torch.cat([q.tensors[name] for q in parts])
+                                             for name in parts[0].tensors})
+
+    def _chunk(self, g: _Rows, t: int, done: int, m: int, noise: np.ndarray, out: np.ndarray,
+               logits_out: np.ndarray | None) -> None:
+        """Steps done .. done + m of group g (the schedule from the model's own table)."""
+        p = self.packed
+        t_start = time.perf_counter()
+        g.run(p, p.model.schedule_table(t + done, m), m, noise, out[g.r0:g.r1], done,
+              logits_out is not None)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - t_start
+        if logits_out is not None:
+            logits_out[done:done + m, g.r0:g.r1] = g.lbuf[:m]
+
+    def _run(self, g: _Rows, t: int, n: int, sampler: Sampler, out, logits_out, progress,
+             pool: ThreadPoolExecutor) -> None:
+        """One group in this thread; the next chunk's noise is drawn in `pool` meanwhile."""
         pending = pool.submit(sampler.noise, min(CHUNK, n))
+        done = 0
         while done < n:
             m = min(CHUNK, n - done)
             noise = pending.result()
             if done + m < n:
                 pending = pool.submit(sampler.noise, min(CHUNK, n - done - m))
-            t_start = time.perf_counter()
-            sched = p.model.schedule_table(t + done, m)
-            K.run_steps(p.W, p.GO, p.LO, S, SG, SO, p.ci, p.widths, p.pool, tok, sched, m,
-                        noise, sampler.inv_temperatures, sampler.top_ks, sampler.top_ps, out, done,
-                        want, lbuf, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt)
-            if self.compile_seconds is None:
-                self.compile_seconds = time.perf_counter() - t_start
-            if want:
-                logits_out[done:done + m] = lbuf[:m]
+            self._chunk(g, t, done, m, noise, out, logits_out)
             done += m
             if progress is not None:
                 progress(done)
-        pool.shutdown()
-        return out, p.state_out(S, offs, state, state.t + n)
+
+    def _run_groups(self, groups: list[_Rows], t: int, n: int, sampler: Sampler, out, logits_out,
+                    progress, pool: ThreadPoolExecutor) -> None:
+        """Each group in a thread of its own, all its chunks, drawing its rows' noise itself
+        between them: no group waits for another (on a busy machine, a thread that lost its core
+        for a while does not stall the other). Progress: the samples every row has."""
+        done = [0] * len(groups)
+        errors: list[BaseException] = []
+        cond = threading.Condition()
+
+        def work(i: int, g: _Rows) -> None:
+            rows = range(g.r0, g.r1)
+            d = 0
+            try:
+                while d < n:
+                    m = min(CHUNK, n - d)
+                    self._chunk(g, t, d, m, sampler.noise(m, rows=rows), out, logits_out)
+                    d += m
+                    with cond:
+                        done[i] = d
+                        cond.notify()
+            except BaseException as e:
+                with cond:
+                    errors.append(e)
+                    cond.notify()
+
+        jobs = [pool.submit(work, i, g) for i, g in enumerate(groups)]
+        reported = 0
+        while reported < n:
+            with cond:
+                cond.wait_for(lambda: min(done) > reported or errors)
+                if errors:
+                    break
+                reported = min(done)
+            if progress is not None:
+                progress(reported)
+        for j in jobs:
+            j.result()
+        if errors:
+            raise errors[0]

@@ -19,6 +19,7 @@ from numba import njit
 
 from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
+from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
 from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
 
@@ -37,6 +38,7 @@ C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP = range(7)
 # Schedule table columns (SaShiMi.schedule_table): the top tier, then each pool's slot
 SCH_TOP, SCH_POS = 0, 1
 ALIGN = 16  # floats (64 bytes): the packer's block alignment, and the scratch rows' padding
+PANEL = 64  # output columns per panel of a packed linear map (4 vectors of 16 floats)
 
 
 def lo_slots(kind: str) -> dict[str, int]:
@@ -80,20 +82,128 @@ def scratch_floats(kind: str, dims: dict[str, int], wmax: int) -> int:
 
 @njit(**JIT)
 def linear(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride, B):
-    """O[b, o] = bias[o] + sum_i X[b, i] W[i, o], W stored (nin, nout) row-major at woff.
-    Slices and range indices (never a possibly negative offset) let LLVM drop the wrap-around
-    checks and vectorize the contiguous inner loop."""
-    Wt = W[woff:woff + nin * nout].reshape(nin, nout)
-    bias = W[boff:boff + nout]
-    for b in range(B):
-        orow = O[ooff + b * ostride:ooff + b * ostride + nout]
-        xrow = X[xoff + b * xstride:xoff + b * xstride + nin]
-        for o in range(nout):
-            orow[o] = bias[o]
+    """O[b, o] = bias[o] + sum_i X[b, i] W[i, o] for the B rows of X (row b at xoff + b xstride)
+    and O (at ooff + b ostride); W is a (nin, nout) map packed in column panels at woff
+    (`panel_order`), the bias at boff. Rows go 4, then 2, then 1 at a time through a register-
+    blocked product: each 16-float weight vector is loaded once per group of rows, and the 64
+    outputs of a panel stay in registers across the whole loop over the inputs."""
+    b = 0
+    while b + 4 <= B:
+        _linear4(W, woff, boff, nin, nout, X, xoff + b * xstride, xstride, O,
+                 ooff + b * ostride, ostride)
+        b += 4
+    if b + 2 <= B:
+        _linear2(W, woff, boff, nin, nout, X, xoff + b * xstride, xstride, O,
+                 ooff + b * ostride, ostride)
+        b += 2
+    if b < B:
+        _linear1(W, woff, boff, nin, nout, X, xoff + b * xstride, O, ooff + b * ostride)
+
+
+@njit(**JIT)
+def _store_panel(O, o, n, a0, a1, a2, a3):
+    """O[o:o + n] = the first n of the panel's 64 outputs (the last panel of a map may hold fewer
+    than 64 columns: its padding lanes are never written)."""
+    if n >= PANEL:
+        vstore(O, o, a0)
+        vstore(O, o + 16, a1)
+        vstore(O, o + 32, a2)
+        vstore(O, o + 48, a3)
+        return
+    for k in range(min(n, 16)):
+        O[o + k] = vlane(a0, k)
+    for k in range(16, min(n, 32)):
+        O[o + k] = vlane(a1, k - 16)
+    for k in range(32, min(n, 48)):
+        O[o + k] = vlane(a2, k - 32)
+    for k in range(48, n):
+        O[o + k] = vlane(a3, k - 48)
+
+
+@njit(**JIT)
+def _linear1(W, woff, boff, nin, nout, X, xoff, O, ooff):
+    x = X[xoff:xoff + nin]
+    for ob in range(0, nout, PANEL):
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
         for i in range(nin):
-            xi = xrow[i]
-            for o in range(nout):
-                orow[o] += xi * Wt[i, o]
+            xi = vsplat(x[i])
+            a0 = vfma(xi, vload(W, p), a0)
+            a1 = vfma(xi, vload(W, p + 16), a1)
+            a2 = vfma(xi, vload(W, p + 32), a2)
+            a3 = vfma(xi, vload(W, p + 48), a3)
+            p += PANEL
+        _store_panel(O, ooff + ob, nout - ob, a0, a1, a2, a3)
+
+
+@njit(**JIT)
+def _linear2(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
+    x = X[xoff:xoff + nin]
+    y = X[xoff + xstride:xoff + xstride + nin]
+    for ob in range(0, nout, PANEL):
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        for i in range(nin):
+            w0, w1 = vload(W, p), vload(W, p + 16)
+            w2, w3 = vload(W, p + 32), vload(W, p + 48)
+            xi = vsplat(x[i])
+            a0, a1 = vfma(xi, w0, a0), vfma(xi, w1, a1)
+            a2, a3 = vfma(xi, w2, a2), vfma(xi, w3, a3)
+            xi = vsplat(y[i])
+            b0, b1 = vfma(xi, w0, b0), vfma(xi, w1, b1)
+            b2, b3 = vfma(xi, w2, b2), vfma(xi, w3, b3)
+            p += PANEL
+        _store_panel(O, ooff + ob, nout - ob, a0, a1, a2, a3)
+        _store_panel(O, ooff + ostride + ob, nout - ob, b0, b1, b2, b3)
+
+
+@njit(**JIT)
+def _linear4(W, woff, boff, nin, nout, X, xoff, xstride, O, ooff, ostride):
+    x = X[xoff:xoff + nin]
+    y = X[xoff + xstride:xoff + xstride + nin]
+    z = X[xoff + 2 * xstride:xoff + 2 * xstride + nin]
+    u = X[xoff + 3 * xstride:xoff + 3 * xstride + nin]
+    for ob in range(0, nout, PANEL):
+        p = woff + ob * nin
+        a0, a1 = vload(W, boff + ob), vload(W, boff + ob + 16)
+        a2, a3 = vload(W, boff + ob + 32), vload(W, boff + ob + 48)
+        b0, b1, b2, b3 = a0, a1, a2, a3
+        c0, c1, c2, c3 = a0, a1, a2, a3
+        d0, d1, d2, d3 = a0, a1, a2, a3
+        for i in range(nin):
+            w0, w1 = vload(W, p), vload(W, p + 16)
+            w2, w3 = vload(W, p + 32), vload(W, p + 48)
+            xi = vsplat(x[i])
+            a0, a1 = vfma(xi, w0, a0), vfma(xi, w1, a1)
+            a2, a3 = vfma(xi, w2, a2), vfma(xi, w3, a3)
+            xi = vsplat(y[i])
+            b0, b1 = vfma(xi, w0, b0), vfma(xi, w1, b1)
+            b2, b3 = vfma(xi, w2, b2), vfma(xi, w3, b3)
+            xi = vsplat(z[i])
+            c0, c1 = vfma(xi, w0, c0), vfma(xi, w1, c1)
+            c2, c3 = vfma(xi, w2, c2), vfma(xi, w3, c3)
+            xi = vsplat(u[i])
+            d0, d1 = vfma(xi, w0, d0), vfma(xi, w1, d1)
+            d2, d3 = vfma(xi, w2, d2), vfma(xi, w3, d3)
+            p += PANEL
+        n = nout - ob
+        _store_panel(O, ooff + ob, n, a0, a1, a2, a3)
+        _store_panel(O, ooff + ostride + ob, n, b0, b1, b2, b3)
+        _store_panel(O, ooff + 2 * ostride + ob, n, c0, c1, c2, c3)
+        _store_panel(O, ooff + 3 * ostride + ob, n, d0, d1, d2, d3)
+
+
+def panel_order(wt: np.ndarray) -> np.ndarray:
+    """A (nin, nout) map in the order `linear` reads it: column panels of PANEL, each a row-major
+    (nin, PANEL) block, one after the other, the last one padded with zero columns (so every
+    weight of a panel is read in one forward stream, 4 vectors per input)."""
+    nin, nout = wt.shape
+    padded = np.zeros((nin, -(-nout // PANEL) * PANEL), np.float32)
+    padded[:, :nout] = wt
+    return np.ascontiguousarray(padded.reshape(nin, -1, PANEL).transpose(1, 0, 2)).ravel()
 
 
 @njit(**JIT)
@@ -143,7 +253,41 @@ def gelu(X, n, B, cap):
 
 @njit(**JIT)
 def s4d_step(W, lo, S, so, U, Y, w, B, cap):
-    """Diagonal complex SSM ("s4d" layout): s = dA s + dB u, y = Re(2C s) + D u."""
+    """Diagonal complex SSM ("s4d" layout): s = dA s + dB u, y = Re(2C s) + D u. Channel by
+    channel, each row of the batch in turn while the channel's coefficients are in L1; the N2
+    modes 16 at a time (`s4d_step_scalar` when N2 is not a multiple of 16)."""
+    N2 = lo[D_N2]
+    if N2 % LANES:
+        s4d_step_scalar(W, lo, S, so, U, Y, w, B, cap)
+        return
+    M = w * N2
+    zero = vsplat(0.0)
+    dd = W[lo[D_D]:lo[D_D] + w]
+    for h in range(w):
+        c0 = h * N2
+        for b in range(B):
+            u = U[b * cap + h]
+            uv = vsplat(u)
+            sr0 = so[0] + b * M + c0
+            si0 = so[1] + b * M + c0
+            acc = zero
+            for k in range(0, N2, LANES):
+                r = vload(S, sr0 + k)
+                i = vload(S, si0 + k)
+                ar = vload(W, lo[D_DA_RE] + c0 + k)
+                ai = vload(W, lo[D_DA_IM] + c0 + k)
+                nr = vsub(vfma(ar, r, vmul(vload(W, lo[D_DB_RE] + c0 + k), uv)), vmul(ai, i))
+                ni = vfma(ai, r, vfma(ar, i, vmul(vload(W, lo[D_DB_IM] + c0 + k), uv)))
+                vstore(S, sr0 + k, nr)
+                vstore(S, si0 + k, ni)
+                acc = vadd(acc, vsub(vmul(vload(W, lo[D_C2_RE] + c0 + k), nr),
+                                     vmul(vload(W, lo[D_C2_IM] + c0 + k), ni)))
+            Y[b * cap + h] = vsum(acc) + dd[h] * u
+
+
+@njit(**JIT)
+def s4d_step_scalar(W, lo, S, so, U, Y, w, B, cap):
+    """`s4d_step` for any N2, one mode at a time (LLVM vectorizes what it can)."""
     N2 = lo[D_N2]
     M = w * N2
     dar = W[lo[D_DA_RE]:lo[D_DA_RE] + M].reshape(w, N2)
@@ -191,15 +335,22 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
         r = b * tmp
         xz = T1[r:r + 2 * E]
         xc = T1[r + 2 * E:r + 3 * E]
-        for e in range(E):
-            acc = convb[e] + xz[e] * convw[e, Kp]
-            for k in range(Kp):
-                acc += cs[e, k] * convw[e, k]
-            for k in range(Kp - 1):
-                cs[e, k] = cs[e, k + 1]
-            if Kp > 0:
-                cs[e, Kp - 1] = xz[e]
-            xc[e] = acc
+        if Kp == 3:  # d_conv 4, the usual: unrolled, so the loop over channels vectorizes
+            for e in range(E):
+                x0, x1, x2, x3 = cs[e, 0], cs[e, 1], cs[e, 2], xz[e]
+                xc[e] = (convb[e] + x3 * convw[e, 3] + x0 * convw[e, 0] + x1 * convw[e, 1]
+                         + x2 * convw[e, 2])
+                cs[e, 0], cs[e, 1], cs[e, 2] = x1, x2, x3
+        else:
+            for e in range(E):
+                acc = convb[e] + xz[e] * convw[e, Kp]
+                for k in range(Kp):
+                    acc += cs[e, k] * convw[e, k]
+                for k in range(Kp - 1):
+                    cs[e, k] = cs[e, k + 1]
+                if Kp > 0:
+                    cs[e, Kp - 1] = xz[e]
+                xc[e] = acc
         silu(xc, E, T2[r:r + E], T2[r + E * N:r + E * N + E].view(np.int32))
     linear(W, lo[M_X_W], lo[M_X_B], E, R + 2 * N, T1, 2 * E, tmp, T1, 6 * E, tmp, B)
     linear(W, lo[M_DT_W], lo[M_DT_B], R, E, T1, 6 * E, tmp, T1, 5 * E, tmp, B)
@@ -220,21 +371,39 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
         ibuf = T2[r + E * N:r + 2 * E * N].view(np.int32)
         silu(gate, E, dA, ibuf)
         softplus(dt, E, dA, ibuf)
+        if N % LANES:
+            for e in range(E):
+                d = dt[e]
+                row = dA[e * N:(e + 1) * N]
+                for n in range(N):
+                    row[n] = d * A[e, n]
+            exp_floored(dA, E * N, EXP_FLOOR, ibuf)
+            dA2 = dA.reshape(E, N)
+            for e in range(E):
+                dx = dt[e] * xc[e]
+                acc = np.float32(0.0)
+                for n in range(N):
+                    hn = dA2[e, n] * h[e, n] + dx * Bv[n]
+                    h[e, n] = hn
+                    acc += hn * Cv[n]
+                y[e] = (acc + D[e] * xc[e]) * gate[e]
+            continue
+        # N a multiple of 16 (16, the usual): the modes 16 at a time
+        a0, h0, d0 = lo[M_A], so[1] + b * E * N, r + 6 * E + R
         for e in range(E):
-            d = dt[e]
-            row = dA[e * N:(e + 1) * N]
-            for n in range(N):
-                row[n] = d * A[e, n]
+            dv = vsplat(dt[e])
+            for k in range(0, N, LANES):
+                vstore(dA, e * N + k, vmul(dv, vload(W, a0 + e * N + k)))
         exp_floored(dA, E * N, EXP_FLOOR, ibuf)
-        dA2 = dA.reshape(E, N)
         for e in range(E):
-            dx = dt[e] * xc[e]
-            acc = np.float32(0.0)
-            for n in range(N):
-                hn = dA2[e, n] * h[e, n] + dx * Bv[n]
-                h[e, n] = hn
-                acc += hn * Cv[n]
-            y[e] = (acc + D[e] * xc[e]) * gate[e]
+            dx = vsplat(dt[e] * xc[e])
+            acc = vsplat(0.0)
+            for k in range(0, N, LANES):
+                i = e * N + k
+                hn = vfma(vload(dA, i), vload(S, h0 + i), vmul(dx, vload(T1, d0 + k)))
+                vstore(S, h0 + i, hn)
+                acc = vfma(hn, vload(T1, d0 + N + k), acc)
+            y[e] = (vsum(acc) + D[e] * xc[e]) * gate[e]
     linear(W, lo[M_OUT_W], lo[M_OUT_B], E, w, T1, 4 * E, tmp, Y, 0, cap, B)
 
 
@@ -270,11 +439,71 @@ def s4_rank1_row(Er, Ei, Gr, Gi, pr, pi, GPr, GPi, B2r, B2i, Cr, Ci, D, Sinv, xr
 
 
 @njit(**JIT)
+def s4_rank1_vec(W, lo, S, so, U, Y, w, B, cap, T1, tmp):
+    """`s4_step` at rank 1 with N2 a multiple of 16: the modes 16 at a time, channel by channel,
+    each row of the batch in turn while the channel's coefficients are in L1; v between the
+    passes in T1 (its row: v_re [0, N2), v_im [N2, 2 N2))."""
+    N2 = lo[S_N2]
+    M = w * N2
+    zero = vsplat(0.0)
+    D = W[lo[S_D]:lo[S_D] + w]
+    Sinv = W[lo[S_SINV]:lo[S_SINV] + w]
+    pr0, pi0 = lo[S_P_RE], lo[S_P_IM]
+    b2r0, b2i0 = lo[S_B2_RE], lo[S_B2_IM]
+    for h in range(w):
+        c0 = h * N2
+        er0, ei0 = lo[S_E_RE] + c0, lo[S_E_IM] + c0
+        gr0, gi0 = lo[S_G_RE] + c0, lo[S_G_IM] + c0
+        gpr0, gpi0 = lo[S_GP_RE] + c0, lo[S_GP_IM] + c0
+        cr0, ci0 = lo[S_C2_RE] + c0, lo[S_C2_IM] + c0
+        for b in range(B):
+            u = U[b * cap + h]
+            uv = vsplat(u)
+            xr0 = so[0] + b * M + c0
+            xi0 = so[1] + b * M + c0
+            v0 = b * tmp
+            acc = zero
+            for k in range(0, N2, LANES):
+                acc = vfma(vload(S, xr0 + k), vload(W, pr0 + k),
+                           vfma(vload(S, xi0 + k), vload(W, pi0 + k), acc))
+            av = vsplat(2 * vsum(acc))
+            acc = zero
+            for k in range(0, N2, LANES):
+                xr = vload(S, xr0 + k)
+                xi = vload(S, xi0 + k)
+                er = vload(W, er0 + k)
+                ei = vload(W, ei0 + k)
+                wr = vsub(vsub(vfma(er, xr, vmul(vload(W, b2r0 + k), uv)), vmul(ei, xi)),
+                          vmul(av, vload(W, pr0 + k)))
+                wi = vsub(vfma(er, xi, vfma(ei, xr, vmul(vload(W, b2i0 + k), uv))),
+                          vmul(av, vload(W, pi0 + k)))
+                gr = vload(W, gr0 + k)
+                gi = vload(W, gi0 + k)
+                v1 = vsub(vmul(gr, wr), vmul(gi, wi))
+                v2 = vfma(gr, wi, vmul(gi, wr))
+                vstore(T1, v0 + k, v1)
+                vstore(T1, v0 + N2 + k, v2)
+                acc = vfma(v1, vload(W, pr0 + k), vfma(v2, vload(W, pi0 + k), acc))
+            bb = vsplat(Sinv[h] * 2 * vsum(acc))
+            acc = zero
+            for k in range(0, N2, LANES):
+                nr = vsub(vload(T1, v0 + k), vmul(bb, vload(W, gpr0 + k)))
+                ni = vsub(vload(T1, v0 + N2 + k), vmul(bb, vload(W, gpi0 + k)))
+                vstore(S, xr0 + k, nr)
+                vstore(S, xi0 + k, ni)
+                acc = vsub(vfma(vload(W, cr0 + k), nr, acc), vmul(vload(W, ci0 + k), ni))
+            Y[b * cap + h] = vsum(acc) + D[h] * u
+
+
+@njit(**JIT)
 def s4_step(W, lo, S, so, U, Y, w, B, cap, T1, tmp):
     """S4 DPLR ("s4" layout), the O(N) Woodbury step of backends/s4.py (`S4.advance`), per
     channel: a = 2 Re(P^* x); w = E x - P a + 2 B u; v = G w; c = 2 Re(P^* v); x' = v - GP Sinv c;
     y = Re(2C x') + D u. P (R, N/2) and B are shared by the channels."""
     N2, R = lo[S_N2], lo[S_R]
+    if R == 1 and N2 % LANES == 0:
+        s4_rank1_vec(W, lo, S, so, U, Y, w, B, cap, T1, tmp)
+        return
     M = w * N2
     Er = W[lo[S_E_RE]:lo[S_E_RE] + M].reshape(w, N2)
     Ei = W[lo[S_E_IM]:lo[S_E_IM] + M].reshape(w, N2)

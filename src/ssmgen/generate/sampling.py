@@ -106,12 +106,15 @@ class Sampler:
                                           device)
         return self._rows[dev]
 
-    def noise(self, n_steps: int) -> np.ndarray:
+    def noise(self, n_steps: int, rows: Sequence[int] | None = None) -> np.ndarray:
         """The next `n_steps` of Gumbel noise, (n_steps, B, 256) float32. Drawing in pieces gives
-        the same stream as drawing at once (doubles are consumed in order)."""
-        out = np.empty((n_steps, self.batch_size, N_TOKENS), np.float32)
-        for b, gen in enumerate(self._gens):
-            u = gen.random((n_steps, N_TOKENS))
+        the same stream as drawing at once (doubles are consumed in order). `rows`: only these
+        rows' streams ((n_steps, len(rows), 256); each row has its own generator, so groups of
+        rows may be drawn apart, in any order, in threads of their own)."""
+        rows = range(self.batch_size) if rows is None else rows
+        out = np.empty((n_steps, len(rows), N_TOKENS), np.float32)
+        for b, r in enumerate(rows):
+            u = self._gens[r].random((n_steps, N_TOKENS))
             np.log(u, out=u)
             np.negative(u, out=u)
             np.log(u, out=u)
