@@ -60,17 +60,33 @@ def make_dataset(root, files=(("train", 3), ("val", 1), ("test", 1)), seconds: f
     return root
 
 
+def tone_coder():
+    """A classical coder (logistic, as the model's prior takes it) fitted on a noisy tone."""
+    import numpy as np
+
+    from ssmgen.audio import mulaw_encode
+    from ssmgen.classical import fit
+
+    t = np.arange(24000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    tok = mulaw_encode(x)
+    return fit([tok[:16000]], [tok[16000:]], "mulaw", dists=("logistic",)), tok
+
+
 def make_checkpoint(path, backend: str = "s4d", preset: str = "tiny", seed: int = 0,
-                    rate: int = 16000, scale: float = 0.05):
-    """A checkpoint file as `ssmgen train` writes it, with perturbed (untrained) weights."""
+                    rate: int = 16000, scale: float = 0.05, prior: bool = False):
+    """A checkpoint file as `ssmgen train` writes it, with perturbed (untrained) weights (and,
+    with `prior`, the classical prior fitted on a tone)."""
     from ssmgen.checkpoint import save_checkpoint
     from ssmgen.config import load_config
     from ssmgen.model import SaShiMi
 
     require_backend(backend)
-    cfg = load_config(preset, backend=backend)
+    cfg = load_config(preset, backend=backend, overrides=["model.prior=lpc"] if prior else [])
     torch.manual_seed(seed)
     model = perturb(SaShiMi(cfg.model), scale=scale, seed=seed)
+    if prior:
+        model.prior.load_coder(tone_coder()[0])
     fmt = {"rate": rate, "encoding": "mulaw", "bits": 8, "normalization": "peak"}
     return save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(),
                                   "data_format": fmt, "step": 0, "dataset": ""})

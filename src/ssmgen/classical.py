@@ -164,9 +164,9 @@ def _spread(segments: Sequence[np.ndarray], total: int) -> list[np.ndarray]:
 # --- the coder --------------------------------------------------------------------------------
 
 def fit(train: Sequence[np.ndarray], tune: Sequence[np.ndarray], encoding: str,
-        order: int = ORDER) -> dict:
-    """Fit the LPC on `train` files and choose the residual model on `tune` files: the coder's
-    settings as plain data."""
+        order: int = ORDER, dists: Sequence[str] = DISTS) -> dict:
+    """Fit the LPC on `train` files and choose the residual model (among `dists`) on `tune`
+    files: the coder's settings as plain data."""
     table = _table(encoding)
     fit_on = _spread(train, FIT_SAMPLES)
     a = lpc_fit(autocorrelation(fit_on, order, table))
@@ -176,7 +176,7 @@ def fit(train: Sequence[np.ndarray], tune: Sequence[np.ndarray], encoding: str,
     # are flat in the last two, so this finds the full grid's choice at a third of its cost
     residuals = {w: Residuals(tune, a, table, w) for w in WINDOWS}
     _, dist, w, c = min((residuals[w].bits(edges, dist, c, FLOORS[1], EPSILONS[1])[0], dist, w, c)
-                        for w in WINDOWS for dist in DISTS for c in SCALES)
+                        for w in WINDOWS for dist in dists for c in SCALES)
     res = residuals[w]
     fl = min(FLOORS, key=lambda f: res.bits(edges, dist, c, f, EPSILONS[1])[0])
     eps = min(EPSILONS, key=lambda e: res.bits(edges, dist, c, fl, e)[0])
@@ -202,6 +202,17 @@ def split_files(dataset, split: str, max_samples: int | None = None) -> list[np.
     return list(dataset.file_tokens(split, max_samples))
 
 
+def dataset_coder(dataset, dists: Sequence[str] = DISTS) -> dict | None:
+    """The coder fitted on `dataset`'s train split and tuned on its val split (train when it has
+    none), with its coefficients; None when the train split is empty."""
+    train = split_files(dataset, "train")
+    if not train:
+        return None
+    tune = split_files(dataset, "val") or train
+    coder = fit(train, tune, dataset.data_format()["encoding"], dists=dists)
+    return {**coder, "tuned_on": "val" if split_files(dataset, "val") else "train"}
+
+
 def dataset_key(dataset) -> str:
     """What identifies a dataset's contents: the hash of its manifest (prep rewrites it)."""
     return hashlib.sha256((Path(dataset.root) / "manifest.json").read_bytes()).hexdigest()[:16]
@@ -223,18 +234,13 @@ def classical_line(dataset, split: str, *, max_samples: int | None = None,
     entries = _read_cache(cache)
     if key in entries:
         return entries[key]
-    train = split_files(dataset, "train")
-    if not train:
-        return None
     targets = list(extra) if extra is not None else split_files(dataset, split, max_samples)
-    if not sum(len(t) for t in targets):
+    if not split_files(dataset, "train") or not sum(len(t) for t in targets):
         return None
     t0 = time.perf_counter()
-    tune = split_files(dataset, "val") or train
-    coder = fit(train, tune, dataset.data_format()["encoding"])
+    coder = dataset_coder(dataset)
     bpb, n = score(coder, targets)
-    result = {"bpb": bpb, "samples": n, "split": label, "tuned_on": "val" if
-              split_files(dataset, "val") else "train", "seconds": time.perf_counter() - t0,
+    result = {"bpb": bpb, "samples": n, "split": label, "seconds": time.perf_counter() - t0,
               **{k: v for k, v in coder.items() if k != "coefficients"}}
     if cache is not None:
         entries[key] = result

@@ -41,6 +41,9 @@ class ModelConfig:
     #: Training length at the finest tier (a backend's `l_max` at each rate: S4 parameterizes its
     #: C for it). `load_config` sets it to train.sample_len; None in checkpoints made before it.
     seq_len: Optional[int] = None
+    #: "lpc": a linear-prediction coder fitted on the training data gives the logits a prior
+    #: (`prior.py`); "none": the paper's model.
+    prior: str = "none"
 
     @property
     def frame(self) -> int:
@@ -104,7 +107,8 @@ class Config:
         return cfg
 
 
-CHOICES = {"train.schedule": ("plateau", "cosine", "constant"),
+CHOICES = {"model.prior": ("none", "lpc"),
+           "train.schedule": ("plateau", "cosine", "constant"),
            "train.device": ("auto", "cpu", "cuda"),
            "train.amp": ("auto", "bf16", "off")}
 AUTO_BATCH_MAX = 16  # "auto" batches stop here: beyond it more steps beat bigger ones
@@ -151,7 +155,8 @@ def field_name(key: str) -> str:
 def _check(cfg: Config, source: str) -> None:
     m, t = cfg.model, cfg.train
     for key, choices in CHOICES.items():
-        value = getattr(t, key.split(".")[1])
+        section, name = key.split(".")
+        value = getattr(m if section == "model" else t, name)
         if value not in choices:
             raise UserError(f"{source}: {field_name(key)} = {value!r}: use one of "
                             f"{', '.join(choices)}")

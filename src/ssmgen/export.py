@@ -134,7 +134,7 @@ def masked_step(model, token: Tensor, t: Tensor, S: dict[str, Tensor]):
         piece = model.up[i].piece(old, pos[i])
         new[f"up{i}"] = torch.where(runs[i + 1], model.up[i].pieces(y), old)
         y = _masked_tier(model, i, piece + xs[i], S, new, runs[i])
-    return model.head(model.norm(y)), new
+    return model.output_step(y, token, S, new), new
 
 
 def _masked_tier(model, level, x, S, new, run):

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from ssmgen import backends
 from ssmgen.config import ModelConfig
 from ssmgen.errors import UserError
+from ssmgen.prior import STATE as PRIOR_STATE
+from ssmgen.prior import LinearPredictionPrior
 
 
 @dataclass
@@ -265,6 +267,10 @@ class SaShiMi(nn.Module):
         self.tiers = nn.ModuleList(Tier(widths[i], cfg, lengths[i]) for i in range(len(cfg.pool)))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_tokens)
+        self.prior = LinearPredictionPrior() if cfg.prior == "lpc" else None
+        if self.prior is not None:  # start exactly at the classical coder (the prior alone)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     @property
     def frame(self) -> int:
@@ -338,6 +344,11 @@ class SaShiMi(nn.Module):
                                  if y.shape[1] else prev)
             y = self._run_tier(i, z, S, new, output=head or i > 0)
         logits = self.head(self.norm(y)) if head else None
+        if self.prior is not None:
+            logp, prior_state = self.prior.parallel(
+                tokens, {n: S[n] for n in self._prior_names()} if S is not None else None, head)
+            logits = logits + logp if head else None
+            new.update(prior_state)
         if state is None:
             return logits, None
         return logits, ModelState(state.t + tokens.shape[1], self._ordered(new))
@@ -376,7 +387,10 @@ class SaShiMi(nn.Module):
                 names += [f"{prefix}.{n}" for n in ns]
         names += [f"down{i}" for i in range(len(self.cfg.pool))]
         names += [f"up{i}" for i in range(len(self.cfg.pool))]
-        return names
+        return names + self._prior_names()
+
+    def _prior_names(self) -> list[str]:
+        return [f"prior.{n}" for n, _ in PRIOR_STATE] if self.prior is not None else []
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """The state before the first sample: zero layer states and zero pool buffers."""
@@ -391,6 +405,8 @@ class SaShiMi(nn.Module):
             t[f"down{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device,
                                         dtype=dtype)
             t[f"up{i}"] = torch.zeros(batch_size, pool, self.widths[i], device=device, dtype=dtype)
+        if self.prior is not None:
+            t.update(self.prior.initial_state(batch_size, device, dtype))
         return ModelState(0, self._ordered(t))
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
@@ -415,8 +431,17 @@ class SaShiMi(nn.Module):
             if i < top:  # the coarser tier ran: refresh this pool's pieces for the next frame
                 new[f"up{i}"] = self.up[i].pieces(y)
             y = self._step_tier(i, piece + xs[i], S, new)
+        return self.output_step(y, token, S, new), ModelState(state.t + 1, new)
+
+    def output_step(self, y: Tensor, token: Tensor, S: dict, new: dict) -> Tensor:
+        """One step's logits from the finest tier's output `y`: the head, plus the prior's
+        log-probabilities after `token` when the model has one (its next state into `new`)."""
         logits = self.head(self.norm(y))
-        return logits, ModelState(state.t + 1, new)
+        if self.prior is not None:
+            logp, prior_state = self.prior.step(token, {n: S[n] for n in self._prior_names()})
+            logits = logits + logp
+            new.update(prior_state)
+        return logits
 
     def _step_tier(self, level: int, x: Tensor, S: dict, new: dict) -> Tensor:
         names = self._layer_names(level)

@@ -289,6 +289,8 @@ class Trainer:
                      "lower --batch-size or --sample-len", self.device)
         if self.init is not None:  # fine-tuning: the weights, not the optimizer or schedule
             model.load_state_dict(self.init["model"])
+        if model.prior is not None and self.state is None:  # a new run, or fine-tuning
+            _fit_prior(model, self.dataset)
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
@@ -514,6 +516,19 @@ def _sync_schedule(schedule: Schedule) -> None:
     t = torch.tensor([schedule.scale, schedule.best, float(schedule.bad)], dtype=torch.float64)
     dist.broadcast(t, 0)
     schedule.scale, schedule.best, schedule.bad = float(t[0]), float(t[1]), int(t[2])
+
+
+def _fit_prior(model: SaShiMi, dataset: Dataset) -> None:
+    """The model's classical prior fitted on this dataset's train split (refitted when
+    fine-tuning: the predictor belongs to the data, the network learns what it misses)."""
+    from ssmgen.classical import dataset_coder
+    t0 = time.perf_counter()
+    coder = dataset_coder(dataset, dists=("logistic",))
+    if coder is None:
+        raise UserError(f"{dataset.root}: no training split to fit the model's prior on")
+    model.prior.load_coder(coder)
+    log.info("prior: LPC-%d fitted on the train split, window %d, scale %.2f (%.1f s)",
+             coder["order"], coder["window"], coder["scale"], time.perf_counter() - t0)
 
 
 def _classical(run: Path, dataset: Dataset, cfg: Config) -> dict | None:

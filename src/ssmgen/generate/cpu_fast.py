@@ -34,6 +34,7 @@ from ssmgen.generate import cpu_fast_kernels as K
 from ssmgen.generate.base import CHUNK
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
+from ssmgen.prior import STATE as PRIOR_STATE
 from ssmgen.tokens import N_TOKENS
 
 ALIGN = K.ALIGN
@@ -127,6 +128,11 @@ class Packed:
         table = np.einsum("tc,pco->pto", emb.astype(np.float64),
                           self.down0_wt.reshape(p0, w0, -1))
         GO[K.G_T0] = f.add(table)
+        if model.prior is not None:
+            pr = model.prior
+            GO[K.G_PRIOR] = f.add(np.concatenate([_np(pr.coef), _np(pr.mask), _np(pr.table),
+                                                  _np(pr.lo), _np(pr.hi)[-1:], _np(pr.width),
+                                                  _np(pr.settings)]))
         LO = np.zeros((T, cfg.n_layers, K.LO_WIDTH), np.int64)
         wmax = max(widths)
         tmp = 0
@@ -154,6 +160,7 @@ class Packed:
         ci[K.C_KIND] = K.KIND_IDS[kind]
         ci[K.C_OUTPROJ] = int(first.has_output_projection)
         ci[K.C_CAP] = 2 * wmax
+        ci[K.C_PRIOR] = int(model.prior is not None)
         self.ci = ci
         self.widths = np.array(widths, np.int64)
         self.pool = np.array(cfg.pool, np.int64)
@@ -172,10 +179,12 @@ class Packed:
         B = buf0.shape[0]
         acc = buf0.reshape(B, -1) @ self.down0_wt
         npool = len(cfg.pool)
-        SG = np.zeros(2 * npool + 1, np.int64)
+        SG = np.zeros(2 * npool + 4, np.int64)
         for i in range(npool):
             SG[2 * i], SG[2 * i + 1] = offs[f"down{i}"], offs[f"up{i}"]
         SG[2 * npool] = f.add(acc)
+        if model.prior is not None:  # its state: hist, res, seen (prior.STATE's order)
+            SG[2 * npool + 1:] = [offs[f"prior.{n}"] for n, _ in PRIOR_STATE]
         SO = np.zeros((npool + 1, cfg.n_layers, 8), np.int64)
         for l in range(npool + 1):
             for j, (prefix, ns) in enumerate(model._layer_names(l)):

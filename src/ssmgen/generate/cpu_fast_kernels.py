@@ -19,6 +19,7 @@ from numba import njit
 
 from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
+from ssmgen.prior import ORDER, RING
 from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
 from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
@@ -32,9 +33,16 @@ S4D, S4, MAMBA = KIND_IDS["s4d"], KIND_IDS["s4"], KIND_IDS["mamba"]
 # LO (per layer weight offsets) fields
 N1G, N1B, OLW, OLB, N2G, N2B, F1W, F1B, F2W, F2B, BK = range(11)  # BK: first backend field
 # GO (global weight offsets) fields; pool i uses 8 + 4 i .. 11 + 4 i
-G_EMB, G_NG, G_NB, G_HW, G_HB, G_T0 = range(6)
+G_EMB, G_NG, G_NB, G_HW, G_HB, G_T0, G_PRIOR = range(7)
 # CI (config ints) fields
-C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP = range(7)
+C_T, C_NL, C_FFE, C_GLU, C_KIND, C_OUTPROJ, C_CAP, C_PRIOR = range(8)
+# The prior's block in W (at GO[G_PRIOR]): its buffers one after the other (packer: cpu_fast.py)
+P_COEF, P_MASK = 0, ORDER
+P_TABLE = P_MASK + RING
+P_EDGES = P_TABLE + N_TOKENS  # 257 bin edges: lo_0 .. lo_255, hi_255 (hi_k = lo_(k+1))
+P_WIDTH = P_EDGES + N_TOKENS + 1  # hi_k - lo_k (from the float64 edges)
+P_SET = P_WIDTH + N_TOKENS  # c, floor, eps, window
+P_SIZE = P_SET + 4
 # Schedule table columns (SaShiMi.schedule_table): the top tier, then each pool's slot
 SCH_TOP, SCH_POS = 0, 1
 ALIGN = 16  # floats (64 bytes): the packer's block alignment, and the scratch rows' padding
@@ -672,6 +680,53 @@ def select_token(L, g, inv_temp, top_k, top_p, z, srt):
 
 
 @njit(**JIT)
+def prior_step(W, po, S, SG, npool, b, token, lg, cdf, tail):
+    """Feed `token` to row b's classical prior (prior.py) and add its log-probabilities of the
+    next token to lg. State at SG[2 npool + 1 ..]: the last ORDER samples, the last RING absolute
+    residuals, the samples seen. One exp per bin edge: sigmoid(z) and sigmoid(-z) both come
+    from exp(-|z|)."""
+    h = S[SG[2 * npool + 1] + b * ORDER:SG[2 * npool + 1] + (b + 1) * ORDER]
+    r = S[SG[2 * npool + 2] + b * RING:SG[2 * npool + 2] + (b + 1) * RING]
+    so = SG[2 * npool + 3] + b
+    x = W[po + P_TABLE + token]
+    pred = 0.0  # float64 sums, rounded, as prior._dot (the torch step's and read's rounding)
+    for k in range(ORDER):
+        pred += np.float64(W[po + P_COEF + k]) * h[k]
+    e = abs(x - np.float32(pred))
+    for k in range(ORDER - 1):
+        h[k] = h[k + 1]
+    h[ORDER - 1] = x
+    for k in range(RING - 1):
+        r[k] = r[k + 1]
+    r[RING - 1] = e
+    seen = min(S[so] + np.float32(1.0), np.float32(RING))
+    S[so] = seen
+    acc = 0.0
+    for k in range(ORDER):
+        acc += np.float64(W[po + P_COEF + k]) * h[k]
+    pred = np.float32(acc)
+    acc = 0.0
+    for k in range(RING):
+        acc += np.float64(W[po + P_MASK + k]) * r[k]
+    total = np.float32(acc)
+    c, floor, eps, window = W[po + P_SET], W[po + P_SET + 1], W[po + P_SET + 2], W[po + P_SET + 3]
+    m = total / max(min(seen, window), np.float32(1.0))
+    s = max(c * m, floor)
+    for j in range(N_TOKENS + 1):
+        z = (W[po + P_EDGES + j] - pred) / s
+        q = math.exp(-abs(z))
+        near = np.float32(1.0) / (np.float32(1.0) + q)  # sigmoid(|z|)
+        far = q * near  # sigmoid(-|z|)
+        cdf[j] = near if z >= 0 else far  # sigmoid(z)
+        tail[j] = far if z >= 0 else near  # sigmoid(-z)
+    keep, spread = np.float32(1.0) - eps, eps / np.float32(N_TOKENS)
+    for k in range(N_TOKENS):  # prior.log_prob's product form
+        d = min(W[po + P_WIDTH + k] / s, np.float32(80.0))
+        p = cdf[k + 1] * tail[k] * -math.expm1(-d)
+        lg[k] += math.log(keep * p + spread)
+
+
+@njit(**JIT)
 def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, sched, n, noise, inv_temp, top_k, top_p,
               out, out_col, want_logits, logits_out, Xs, Y, Z, Hn, U, O, HID, T1, T2, Lg, zs, srt):
     """n steps of the model: feed tok (B,), sample, feed the sample. Step s runs on row s of the
@@ -683,6 +738,8 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, sched, n, noise, inv_
     T = ci[C_T]
     npool = T - 1
     w0 = widths[0]
+    cdf = np.empty(N_TOKENS + 1, np.float32)
+    tail = np.empty(N_TOKENS + 1, np.float32)
     for s in range(n):
         top = sched[s, SCH_TOP]
         # ---- down path: embedding, pooled inputs of the tiers that run now ----
@@ -753,6 +810,8 @@ def run_steps(W, GO, LO, S, SG, SO, ci, widths, pool, tok, sched, n, noise, inv_
         linear(W, GO[G_HW], GO[G_HB], w0, N_TOKENS, Hn, 0, cap, Lg, 0, N_TOKENS, B)
         for b in range(B):
             lg = Lg[b * N_TOKENS:(b + 1) * N_TOKENS]
+            if ci[C_PRIOR]:
+                prior_step(W, GO[G_PRIOR], S, SG, npool, b, tok[b], lg, cdf, tail)
             if want_logits:
                 logits_out[s, b, :] = lg
             k = select_token(lg, noise[s, b], inv_temp[b], top_k[b], top_p[b], zs, srt)
