@@ -129,10 +129,15 @@ class LinearPredictionPrior(nn.Module):
                              seen.squeeze(1)), new
 
 
+#: |z| beyond which a sigmoid is taken as at ZMAX: sigmoid(-30) = 9e-14, a millionth of the least
+#: eps / 256 mixed in, so no log-probability moves; and exp never overflows (its slow path here).
+ZMAX = 30.0
+
+
 def _sigmoid(z: Tensor) -> Tensor:
-    """1 / (1 + e^-z), written out: onnxruntime's Sigmoid clamps its input near +-18, which
-    turns a far tail's 1e-11 into 1e-8 (the bins beyond the centre's few scales)."""
-    return 1 / (1 + torch.exp(-z))
+    """1 / (1 + e^-z) with z clamped to +-ZMAX, written out: onnxruntime's Sigmoid clamps its
+    input near +-18, which turns a far tail's 1e-11 into 1e-8."""
+    return 1 / (1 + torch.exp(-torch.clamp(z, -ZMAX, ZMAX)))
 
 
 def _dot(x: Tensor, w: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from numba import njit
 
 from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
-from ssmgen.prior import ORDER, RING
+from ssmgen.prior import ORDER, RING, ZMAX
 from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
 from ssmgen.tokens import N_TOKENS
 from ssmgen.vecmath import exp_floored, silu, softplus
@@ -714,7 +714,7 @@ def prior_step(W, po, S, SG, npool, b, token, lg, cdf, tail):
     s = max(c * m, floor)
     for j in range(N_TOKENS + 1):
         z = (W[po + P_EDGES + j] - pred) / s
-        q = math.exp(-abs(z))
+        q = math.exp(-min(abs(z), np.float32(ZMAX)))
         near = np.float32(1.0) / (np.float32(1.0) + q)  # sigmoid(|z|)
         far = q * near  # sigmoid(-|z|)
         cdf[j] = near if z >= 0 else far  # sigmoid(z)
