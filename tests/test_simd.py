@@ -6,7 +6,23 @@ import pytest
 from numba import njit
 
 from ssmgen.generate.cpu_fast_kernels import PANEL, linear, panel_order
-from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
+from ssmgen.simd import (
+    LANES,
+    vadd,
+    vdiv,
+    vfloor,
+    vfma,
+    vkeep_ge,
+    vlane,
+    vload,
+    vmax,
+    vmul,
+    vscale2,
+    vsplat,
+    vstore,
+    vsub,
+    vsum,
+)
 
 
 @njit(cache=False)
@@ -30,6 +46,29 @@ def test_lane_arithmetic_sum_and_lanes():
     total, l5, l15 = _arith(a, b, out)
     np.testing.assert_array_equal(out, np.concatenate([a * b, a + b, a - b]))
     assert abs(total - a.astype(np.float64).sum()) <= 1e-5 and l5 == b[5] and l15 == b[15]
+
+
+@njit(cache=False)
+def _exp_parts(a, b, k, out):
+    x, y = vload(a, 0), vload(b, 0)
+    vstore(out, 0, vdiv(x, y))
+    vstore(out, 16, vmax(x, y))
+    vstore(out, 32, vfloor(x))
+    vstore(out, 48, vscale2(x, vload(k, 0)))
+    vstore(out, 64, vkeep_ge(x, x, y))
+
+
+def test_division_max_floor_powers_of_two_and_masking():
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal((2, LANES)) * 10).astype(np.float32)
+    k = np.arange(-8, 8, dtype=np.float32) * 15  # -120 .. 105: whole numbers in range
+    out = np.zeros(5 * LANES, np.float32)
+    _exp_parts(a, b, k, out)
+    np.testing.assert_array_equal(out[:16], a / b)
+    np.testing.assert_array_equal(out[16:32], np.maximum(a, b))
+    np.testing.assert_array_equal(out[32:48], np.floor(a))
+    np.testing.assert_array_equal(out[48:64], np.ldexp(a, k.astype(int)))
+    np.testing.assert_array_equal(out[64:], np.where(a >= b, a, 0))
 
 
 def test_vector_ops_are_lane_by_lane():

@@ -21,7 +21,7 @@ from ssmgen.backends.base import FAST_LAYOUTS
 from ssmgen.backends.selective_scan import EXP_FLOOR
 from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
 from ssmgen.tokens import N_TOKENS
-from ssmgen.vecmath import exp_floored, silu, softplus
+from ssmgen.vecmath import exp_floored, silu, softplus, vexp_floored
 
 JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
@@ -321,10 +321,9 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
     """Mamba ("mamba" layout; mamba-ssm's step): xz = in_proj(u); conv state shift, depthwise
     conv, silu; x_proj -> (dt, B, C); dt = softplus(dt_proj(dt)); h = exp(dt A) h + dt B x;
     y = C.h + D x; y *= silu(z); out_proj(y). Row layout of T1: xz [0, 2E), x [2E, 3E),
-    silu(z) [3E, 4E), y [4E, 5E), dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row holds the E x N
-    decays exp(dt A) of the step, exponentiated in one vectorized pass (`vecmath.exp_floored`),
-    and its E x N int scratch; before the decays, the vectorized SiLUs and softplus use its first
-    E of each."""
+    silu(z) [3E, 4E), y [4E, 5E), dt [5E, 6E), dbc [6E, 6E + R + 2N). T2's row is scratch: the
+    SiLUs' and softplus' tails (first E of each half), and where N is not a multiple of 16, the
+    E x N decays exp(dt A) of the step in one `vecmath.exp_floored` pass and its int scratch."""
     E, N, R, Kc = lo[M_E], lo[M_N], lo[M_R], lo[M_K]
     linear(W, lo[M_IN_W], lo[M_IN_B], w, 2 * E, U, 0, cap, T1, 0, tmp, B)
     convw = W[lo[M_CONV_W]:lo[M_CONV_W] + E * Kc].reshape(E, Kc)
@@ -388,19 +387,17 @@ def mamba_step(W, lo, S, so, U, Y, w, B, cap, T1, T2, tmp):
                     acc += hn * Cv[n]
                 y[e] = (acc + D[e] * xc[e]) * gate[e]
             continue
-        # N a multiple of 16 (16, the usual): the modes 16 at a time
+        # N a multiple of 16 (16, the usual): the modes 16 at a time, each decay exponentiated in
+        # registers where it is used (no pass over memory for the E x N of them)
         a0, h0, d0 = lo[M_A], so[1] + b * E * N, r + 6 * E + R
         for e in range(E):
             dv = vsplat(dt[e])
-            for k in range(0, N, LANES):
-                vstore(dA, e * N + k, vmul(dv, vload(W, a0 + e * N + k)))
-        exp_floored(dA, E * N, EXP_FLOOR, ibuf)
-        for e in range(E):
             dx = vsplat(dt[e] * xc[e])
             acc = vsplat(0.0)
             for k in range(0, N, LANES):
                 i = e * N + k
-                hn = vfma(vload(dA, i), vload(S, h0 + i), vmul(dx, vload(T1, d0 + k)))
+                da = vexp_floored(vmul(dv, vload(W, a0 + i)), EXP_FLOOR)
+                hn = vfma(da, vload(S, h0 + i), vmul(dx, vload(T1, d0 + k)))
                 vstore(S, h0 + i, hn)
                 acc = vfma(hn, vload(T1, d0 + N + k), acc)
             y[e] = (vsum(acc) + D[e] * xc[e]) * gate[e]
