@@ -6,7 +6,23 @@ import pytest
 from numba import njit
 
 from ssmgen.generate.cpu_fast_kernels import PANEL, linear, panel_order
-from ssmgen.simd import LANES, vadd, vfma, vlane, vload, vmul, vsplat, vstore, vsub, vsum
+from ssmgen.simd import (
+    LANES,
+    vadd,
+    vdiv,
+    vfloor,
+    vfma,
+    vkeep_ge,
+    vlane,
+    vload,
+    vmax,
+    vmul,
+    vscale2,
+    vsplat,
+    vstore,
+    vsub,
+    vsum,
+)
 
 
 @njit(cache=False)
@@ -32,6 +48,29 @@ def test_lane_arithmetic_sum_and_lanes():
     assert abs(total - a.astype(np.float64).sum()) <= 1e-5 and l5 == b[5] and l15 == b[15]
 
 
+@njit(cache=False)
+def _exp_parts(a, b, k, out):
+    x, y = vload(a, 0), vload(b, 0)
+    vstore(out, 0, vdiv(x, y))
+    vstore(out, 16, vmax(x, y))
+    vstore(out, 32, vfloor(x))
+    vstore(out, 48, vscale2(x, vload(k, 0)))
+    vstore(out, 64, vkeep_ge(x, x, y))
+
+
+def test_division_max_floor_powers_of_two_and_masking():
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal((2, LANES)) * 10).astype(np.float32)
+    k = np.arange(-8, 8, dtype=np.float32) * 15  # -120 .. 105: whole numbers in range
+    out = np.zeros(5 * LANES, np.float32)
+    _exp_parts(a, b, k, out)
+    np.testing.assert_array_equal(out[:16], a / b)
+    np.testing.assert_array_equal(out[16:32], np.maximum(a, b))
+    np.testing.assert_array_equal(out[32:48], np.floor(a))
+    np.testing.assert_array_equal(out[48:64], np.ldexp(a, k.astype(int)))
+    np.testing.assert_array_equal(out[64:], np.where(a >= b, a, 0))
+
+
 def test_vector_ops_are_lane_by_lane():
     rng = np.random.default_rng(0)
     a, w = rng.standard_normal((2, 40)).astype(np.float32)
@@ -42,14 +81,13 @@ def test_vector_ops_are_lane_by_lane():
     assert (out[:20] == 7).all() and (out[20 + LANES:] == 7).all()  # nothing else written
 
 
-def test_panel_order_puts_each_panel_in_one_block_and_pads_the_last():
+def test_panel_order_puts_each_panel_in_one_block_the_last_as_wide_as_its_columns():
     wt = np.arange(5 * 150, dtype=np.float32).reshape(5, 150) + 1
     p = panel_order(wt)
-    assert p.shape == (5 * 3 * PANEL,)
+    assert p.shape == (5 * 150,)
     np.testing.assert_array_equal(p[:5 * PANEL].reshape(5, PANEL), wt[:, :PANEL])
-    last = p[10 * PANEL:].reshape(5, PANEL)
-    np.testing.assert_array_equal(last[:, :150 - 2 * PANEL], wt[:, 2 * PANEL:])
-    assert (last[:, 150 - 2 * PANEL:] == 0).all()
+    np.testing.assert_array_equal(p[5 * PANEL:10 * PANEL].reshape(5, PANEL), wt[:, PANEL:2 * PANEL])
+    np.testing.assert_array_equal(p[10 * PANEL:].reshape(5, 150 - 2 * PANEL), wt[:, 2 * PANEL:])
 
 
 @pytest.mark.parametrize("nin,nout", [(64, 64), (16, 256), (48, 200), (7, 36), (130, 13)])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from ssmgen.vecmath import MIN_FLOOR, log1p_unit, silu, softplus
+from ssmgen.simd import vload, vstore
+from ssmgen.vecmath import MIN_FLOOR, log1p_unit, silu, softplus, vexp_floored
 from ssmgen.vecmath import exp_floored as shared_exp_floored
 
 # numba compiles a callee with its caller's fastmath flags and keeps that overload for every later
@@ -34,6 +35,24 @@ def test_exp_is_exactly_zero_below_the_floor_and_leaves_the_tail_alone(dtype):
     np.testing.assert_array_equal(got[5:], x[5:])  # only the first n are touched
     if dtype == np.float64:  # the reference path is libm itself
         np.testing.assert_array_equal(got[:2], np.exp(x[:2]))
+
+
+@pytest.mark.parametrize("fastmath", [False, True])
+def test_exp_in_registers_matches_the_array_form(fastmath):
+    """`vexp_floored` (the Mamba step's decays): the same polynomial, within 4 ulps either build,
+    exactly 0 below the floor."""
+    @njit(fastmath=fastmath)
+    def run(X):
+        for i in range(0, len(X), 16):
+            vstore(X, i, vexp_floored(vload(X, i), -60.0))
+
+    x = np.concatenate([-np.logspace(-9, np.log10(60), 16 * 1000), [0.0, -60.0, -60.1, -1e4],
+                        np.zeros(12)]).astype(np.float32)
+    got = x.copy()
+    run(got)
+    ref = np.exp(x.astype(np.float64))
+    ok = x >= -60
+    assert (_ulps(got[ok], ref[ok]) <= 4.0).all() and (got[~ok] == 0).all()
 
 
 def test_exp_under_a_fastmath_caller_stays_within_four_ulps():

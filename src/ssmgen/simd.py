@@ -12,9 +12,14 @@ and the operations such a product (and a state update over the N modes of a chan
     vstore(arr, i, a)        # arr[i:i + 16] = a
     x = vsplat(value)        # 16 copies of a scalar
     a = vfma(x, w, a)        # x * w + a, one fused multiply-add per lane
-    vmul(a, b), vadd(a, b), vsub(a, b)
+    vmul(a, b), vadd(a, b), vsub(a, b), vdiv(a, b)
     s = vsum(a)              # the sum of the lanes (a fixed pairwise tree), a float32
     s = vlane(a, k)          # lane k, a float32
+    vmax(a, b), vfloor(a)    # lane max, lane floor
+    vscale2(a, k)            # a * 2^k, k whole numbers in [-126, 127] (built in the exponent bits)
+    vkeep_ge(x, a, b)        # x where a >= b, 0 elsewhere
+
+(the last three are what a branch-free exp needs: `vecmath.vexp_floored`).
 
 Indices are not checked (the caller keeps i + 16 within the array) and are never wrapped around
 (a negative index is an error, as in C). A local of type F32x16 is an SSA value: numba keeps it in
@@ -144,6 +149,13 @@ def vsub(typingctx, a, b):
 
 
 @intrinsic
+def vdiv(typingctx, a, b):
+    """a / b lane by lane."""
+    if a == f32x16 and b == f32x16:
+        return f32x16(a, b), _binary_codegen("fdiv")
+
+
+@intrinsic
 def vsum(typingctx, a):
     """The sum of the 16 lanes: halves added pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1)."""
     if a != f32x16:
@@ -175,3 +187,54 @@ def vlane(typingctx, a, k):
         return builder.extract_element(args[0], i)
 
     return types.float32(a, k), codegen
+
+
+def _call_codegen(name: str, nargs: int):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_LV, [_LV] * nargs),
+                                            f"llvm.{name}.v{LANES}f32")
+        return builder.call(fn, args)
+    return codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """The larger of a and b lane by lane (llvm.maxnum)."""
+    if a == f32x16 and b == f32x16:
+        return f32x16(a, b), _call_codegen("maxnum", 2)
+
+
+@intrinsic
+def vfloor(typingctx, a):
+    """floor(a) lane by lane."""
+    if a == f32x16:
+        return f32x16(a), _call_codegen("floor", 1)
+
+
+@intrinsic
+def vscale2(typingctx, a, k):
+    """a * 2^k lane by lane, for lanes of k that are whole numbers in [-126, 127] (2^k is built in
+    the exponent bits: no call, no branch)."""
+    if not (a == f32x16 and k == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        iv = ir.VectorType(ir.IntType(32), LANES)
+        e = builder.add(builder.fptosi(args[1], iv), ir.Constant(iv, [127] * LANES))
+        pow2 = builder.bitcast(builder.shl(e, ir.Constant(iv, [23] * LANES)), _LV)
+        return builder.fmul(args[0], pow2)
+
+    return f32x16(a, k), codegen
+
+
+@intrinsic
+def vkeep_ge(typingctx, x, a, b):
+    """x where a >= b, 0.0 elsewhere, lane by lane."""
+    if not (x == f32x16 and a == f32x16 and b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        keep = builder.fcmp_ordered(">=", args[1], args[2])
+        return builder.select(keep, args[0], ir.Constant(_LV, [0.0] * LANES))
+
+    return f32x16(x, a, b), codegen

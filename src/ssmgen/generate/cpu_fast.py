@@ -71,7 +71,8 @@ class _Flat:
 
     def array(self) -> np.ndarray:
         """The packed array, with K.PANEL zeros after the last block: the product kernel reads a
-        bias a whole panel (64 floats) at a time, past the end of a shorter one."""
+        bias, and each input's row of a map's narrower last panel, a whole panel (64 floats) at a
+        time, past the end of a shorter one."""
         return np.concatenate(self.parts + [np.zeros(K.PANEL, np.float32)])
 
 
