@@ -138,3 +138,13 @@ def test_train_fits_the_prior_on_the_train_split_and_fine_tuning_refits_it(tmp_p
     np.testing.assert_allclose(tuned.prior.coef.numpy(), expect_b["coefficients"][::-1],
                                rtol=1e-5, atol=1e-6)
     assert not torch.equal(tuned.prior.coef, model.prior.coef)
+
+
+def test_a_checkpoint_whose_prior_would_divide_by_zero_is_refused_in_one_line(tmp_path):
+    from ssmgen.checkpoint import save_checkpoint
+    ckpt = load_checkpoint(make_checkpoint(tmp_path / "m.pt", "s4d", prior=True))
+    ckpt["model"]["prior.settings"] = torch.tensor([0.0, 0.0, 1e-4, 32.0])
+    save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in ckpt.items() if k != "path"})
+    r = ssmgen("eval", "--model", tmp_path / "bad.pt", "--audio", tmp_path / "missing.wav")
+    assert r.returncode == 2 and "classical prior is not usable" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

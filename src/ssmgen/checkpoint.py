@@ -148,6 +148,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as e:
         raise UserError(f"{where}: weights do not match its config "
                         f"({' '.join(str(e).split())[:160]})") from None
+    problem = model.prior.problem() if model.prior is not None else None
+    if problem:
+        raise UserError(f"{where}: its classical prior is not usable ({problem})")
     return model.to(device).eval(), ckpt
 
 

@@ -69,6 +69,19 @@ class LinearPredictionPrior(nn.Module):
         self.settings.copy_(torch.tensor([coder["scale"], coder["floor"], coder["eps"],
                                           coder["window"]]))
 
+    def problem(self) -> str | None:
+        """What makes these numbers unusable (a checkpoint is data: a scale of 0 would divide by
+        zero, a mask of other values would not be a window), or None."""
+        c, floor, eps, window = self.settings.tolist()
+        if not (c > 0 and floor > 0 and 0 < eps < 1 and 1 <= window <= RING and window % 1 == 0):
+            return f"settings scale {c}, floor {floor}, eps {eps}, window {window} out of range"
+        if not torch.equal(self.mask, (torch.arange(RING) >= RING - window).to(self.mask.dtype)):
+            return "its window mask is not the last `window` residuals"
+        if not (bool((self.width > 0).all()) and bool((self.hi > self.lo).all())
+                and bool((self.table.abs() <= 1).all())):
+            return "its bins or decoding table are out of range"
+        return None
+
     def log_prob(self, pred: Tensor, total: Tensor, seen: Tensor) -> Tensor:
         """log p of every token, (..., 256), for centres `pred`, the sums of the last W absolute
         residuals `total` and the samples `seen` so far (...)."""
