@@ -79,6 +79,28 @@ def test_resume_after_sigkill_is_bitwise_exact(data, tmp_path):
     assert steps == list(range(4, 61, 4))  # rows after the checkpoint were redone, not doubled
 
 
+def test_weight_average_validates_and_resumes_with_the_run(data, tmp_path):
+    args = [*FAST, "--set", "train.val_every=3", "--set", "train.ema=0.9", "--seed", 1]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert ssmgen("train", data, *args, "--max-steps", 6, "--out", whole).returncode == 0
+    assert ssmgen("train", data, *args, "--max-steps", 3, "--out", split).returncode == 0
+    r = ssmgen("train", data, "--resume", "--out", split, "--max-steps", 6, "--quiet")
+    assert r.returncode == 0, r.stderr
+    last, resumed = weights(whole), weights(split)
+    best = load_checkpoint(whole / "checkpoints" / "best.pt")
+    assert last["ema"]["updates"] == 6 and resumed["ema"]["updates"] == 6
+    for k, v in last["model"].items():  # resumed: the same weights and the same average
+        assert torch.equal(v, resumed["model"][k]), k
+        assert torch.equal(last["ema"]["shadow"][k], resumed["ema"]["shadow"][k]), k
+    # last.pt holds the raw weights (for --resume); best.pt the average its validation scored
+    assert best["step"] in (3, 6)
+    shadow = last["ema"]["shadow"]
+    assert any(not torch.equal(v, shadow[k]) for k, v in last["model"].items())
+    if best["step"] == 6:
+        for k, v in best["model"].items():
+            assert torch.equal(v, shadow[k]), k
+
+
 def test_ctrl_c_saves_and_exits_130(data, tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "ssmgen", "train", str(data), *FAST,

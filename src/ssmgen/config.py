@@ -72,6 +72,9 @@ class TrainConfig:
     plateau_patience: int = 5
     min_lr: float = 1e-6
     grad_clip: float = 1.0
+    #: decay of a running average of the weights used for validation and the best checkpoint
+    #: (`ema.py`); 0: off
+    ema: float = 0.0
     max_steps: Optional[int] = None
     max_minutes: Optional[float] = None
     val_every: int = 500
@@ -133,6 +136,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.plateau_patience": (0, 1e6, False, True),
     "train.min_lr": (0, 1, False, False),
     "train.grad_clip": (0, 1e6, False, False),
+    "train.ema": (0, 0.99999, False, False),
     "train.max_steps": (1, 1 << 62, False, True),
     "train.max_minutes": (0, 1e7, True, False),
     "train.val_every": (1, 1e9, False, True),

@@ -33,6 +33,7 @@ from ssmgen.atomic import remove_stale_temps, write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint, save_checkpoint
 from ssmgen.config import AUTO_BATCH_MAX, Config, ModelConfig
 from ssmgen.data import Dataset
+from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
 from ssmgen.model import SaShiMi, activation_bytes, count_parameters, new_model
@@ -295,7 +296,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
         self.step, self.elapsed, self.best = 0, 0.0, math.inf
+        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         if self.state is not None:
+            if self.ema is not None and "ema" in self.state:
+                self.ema.load_state_dict(self.state["ema"])
             self.model.load_state_dict(self.state["model"])
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.schedule.load_state_dict(self.state["schedule"])
@@ -333,8 +337,15 @@ class Trainer:
                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "schedule": self.schedule.state_dict(), "step": self.step,
                    "seconds": self.elapsed, "best_bpb": self.best, "val": val or {}}
+        if self.ema is not None:
+            payload["ema"] = self.ema.state_dict()
         save_checkpoint(self.run_dir / "checkpoints" / f"{tag}.pt", payload)
         self.saved = True
+
+    def _averaged(self):
+        """The averaged weights in the model inside the block (validation, best.pt, the
+        listening sample), with --set train.ema; nothing changes without."""
+        return self.ema.applied(self.model) if self.ema is not None else nullcontext()
 
     def validate_and_save(self, loss_value: float) -> dict | None:
         cfg, now = self.cfg, time.perf_counter()
@@ -342,17 +353,18 @@ class Trainer:
                                                                              1e-9)
         val = None
         if self.is_main:
-            val = _validate(self.model, self.dataset, cfg, self.device)
-            if val:
-                self.schedule.on_validation(val["bpb"])
-                self.best = min(self.best, val["bpb"])
-            _append_metrics(self.run_dir / "metrics.csv", self.step, self.elapsed,
-                            self.optimizer, loss_value, rate, val)
-            self.checkpoint("last", val)
-            if val is None or val["bpb"] <= self.best:
-                self.checkpoint("best", val)
-            _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device,
-                       self.classical)
+            with self._averaged():  # validation, best.pt, the listening sample: the average
+                val = _validate(self.model, self.dataset, cfg, self.device)
+                if val:
+                    self.schedule.on_validation(val["bpb"])
+                    self.best = min(self.best, val["bpb"])
+                _append_metrics(self.run_dir / "metrics.csv", self.step, self.elapsed,
+                                self.optimizer, loss_value, rate, val)
+                if val is None or val["bpb"] <= self.best:
+                    self.checkpoint("best", val)
+                _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device,
+                           self.classical)
+            self.checkpoint("last", val)  # the raw weights, for --resume
         if self.world > 1:
             _sync_schedule(self.schedule)
         self.t_log, self.n_log = time.perf_counter(), 0
@@ -449,6 +461,8 @@ class Trainer:
                 if cfg.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(model)
                 self.step += 1
                 self.n_log += 1
                 self.elapsed = time.perf_counter() - started
@@ -465,7 +479,8 @@ class Trainer:
         if self.is_main and self.step > validated_at:
             self.checkpoint("last", None)  # interrupted between validations: keep every step
             if not (ckpt_dir / "best.pt").exists():
-                self.checkpoint("best", None)
+                with self._averaged():
+                    self.checkpoint("best", None)
         if reason == "interrupted":
             raise KeyboardInterrupt
         return {"run": str(self.run_dir), "steps": self.step, "seconds": self.elapsed,
