@@ -296,15 +296,16 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
         self.step, self.elapsed, self.best = 0, 0.0, math.inf
-        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         if self.state is not None:
-            if self.ema is not None and "ema" in self.state:
-                self.ema.load_state_dict(self.state["ema"])
             self.model.load_state_dict(self.state["model"])
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.schedule.load_state_dict(self.state["schedule"])
             self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
             self.best = float(self.state["best_bpb"])
+        # the average starts from the weights training starts from (init, or the resumed ones)
+        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        if self.ema is not None and self.state is not None and "ema" in self.state:
+            self.ema.load_state_dict(self.state["ema"])
 
     def _open_run(self) -> bool:
         """Create (or adopt) the run folder, mark it as ours; True if this call created it."""
