@@ -298,6 +298,10 @@ class Trainer:
         self.step, self.elapsed, self.best = 0, 0.0, math.inf
         if self.state is not None:
             self.model.load_state_dict(self.state["model"])
+            problem = self.model.prior.problem() if self.model.prior is not None else None
+            if problem:  # as load_model checks it: a checkpoint is data
+                raise UserError(f"{self.run_dir / 'checkpoints' / 'last.pt'}: its classical "
+                                f"prior is not usable ({problem})")
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.schedule.load_state_dict(self.state["schedule"])
             self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
