@@ -74,15 +74,17 @@ def tone_coder():
 
 
 def make_checkpoint(path, backend: str = "s4d", preset: str = "tiny", seed: int = 0,
-                    rate: int = 16000, scale: float = 0.05, prior: bool = False):
+                    rate: int = 16000, scale: float = 0.05, prior: bool = False,
+                    overrides: tuple[str, ...] = ()):
     """A checkpoint file as `ssmgen train` writes it, with perturbed (untrained) weights (and,
-    with `prior`, the classical prior fitted on a tone)."""
+    with `prior`, the classical prior fitted on a tone; `overrides` as `--set` takes them)."""
     from ssmgen.checkpoint import save_checkpoint
     from ssmgen.config import load_config
     from ssmgen.model import SaShiMi
 
     require_backend(backend)
-    cfg = load_config(preset, backend=backend, overrides=["model.prior=lpc"] if prior else [])
+    cfg = load_config(preset, backend=backend,
+                      overrides=(["model.prior=lpc"] if prior else []) + list(overrides))
     torch.manual_seed(seed)
     model = perturb(SaShiMi(cfg.model), scale=scale, seed=seed)
     if prior:

@@ -44,6 +44,9 @@ class ModelConfig:
     #: "lpc": a linear-prediction coder fitted on the training data gives the logits a prior
     #: (`prior.py`); "none": the paper's model.
     prior: str = "none"
+    #: Add a learned map of smooth functions of each code's position to its embedding
+    #: (`model.TokenEmbedding`); False: the paper's plain table.
+    ordinal_input: bool = False
 
     @property
     def frame(self) -> int:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen import backends
+from ssmgen.audio import mulaw_decode
 from ssmgen.config import ModelConfig
 from ssmgen.errors import UserError
 from ssmgen.prior import STATE as PRIOR_STATE
@@ -54,6 +55,43 @@ class ModelState:
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
+
+#: Frequencies of the ordinal input features: sin and cos of pi k y for k = 1 .. ORDINAL_WAVES.
+ORDINAL_WAVES = 8
+
+
+def ordinal_features(n_tokens: int) -> Tensor:
+    """(n_tokens, 2 + 2 ORDINAL_WAVES) smooth functions of a code's position: y in [-1, 1]
+    (linear in the code), its mu-law expansion (the decoded amplitude of a mu-law code) and
+    sin / cos(pi k y), so that neighbouring codes get neighbouring inputs."""
+    q = np.arange(n_tokens, dtype=np.float64)
+    y = q / (n_tokens - 1) * 2.0 - 1.0
+    k = np.arange(1, ORDINAL_WAVES + 1)
+    waves = np.pi * y[:, None] * k[None, :]
+    amp = mulaw_decode(q * (255.0 / (n_tokens - 1)))
+    feats = np.concatenate([y[:, None], amp[:, None], np.sin(waves), np.cos(waves)], axis=1)
+    return torch.from_numpy(feats.astype(np.float32))
+
+
+class TokenEmbedding(nn.Embedding):
+    """The input table. With `ordinal`, a token's vector is its own row plus a learned linear map
+    of `ordinal_features` (code 130 and 131 then start close and share what they learn); the sum
+    is one (256, d) table, `table()`, which every engine looks up as it looks up a plain one."""
+
+    def __init__(self, n_tokens: int, d: int, ordinal: bool = False) -> None:
+        super().__init__(n_tokens, d)
+        self.ordinal = None
+        if ordinal:
+            self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
+            self.ordinal = nn.Linear(self.features.shape[1], d, bias=False)
+
+    def table(self) -> Tensor:
+        if self.ordinal is None:
+            return self.weight
+        return self.weight + self.ordinal(self.features)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.table())
 
 class SequenceBlock(nn.Module):
     """Pre-LayerNorm residual: x + Linear(GELU(backend(LN(x)))). The backend includes its D skip.
@@ -255,7 +293,7 @@ class SaShiMi(nn.Module):
         self.cfg = cfg
         widths = [cfg.d_model * cfg.expand ** i for i in range(len(cfg.pool) + 1)]
         self.widths = widths
-        self.embedding = nn.Embedding(cfg.n_tokens, cfg.d_model)
+        self.embedding = TokenEmbedding(cfg.n_tokens, cfg.d_model, cfg.ordinal_input)
         self.down = nn.ModuleList(DownPool(widths[i], p, cfg.expand)
                                   for i, p in enumerate(cfg.pool))
         # Training length at each tier's rate (for backends that take it, see SequenceBackend).

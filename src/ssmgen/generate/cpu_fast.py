@@ -117,7 +117,7 @@ class Packed:
         if kind not in FAST_LAYOUTS:
             _backend_fields(f, first, widths[-1])  # raises the clear error
         GO = np.zeros(8 + 4 * len(cfg.pool), np.int64)
-        emb = _np(model.embedding.weight)
+        emb = _np(model.embedding.table())
         GO[K.G_EMB] = f.add(emb)
         GO[K.G_NG], GO[K.G_NB] = f.add(_np(model.norm.weight)), f.add(_np(model.norm.bias))
         GO[K.G_HW], GO[K.G_HB] = _linear(f, model.head)

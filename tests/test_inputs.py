@@ -1,0 +1,92 @@
+"""Ordinal inputs (`model.ordinal_input`, model.TokenEmbedding): neighbouring codes get
+neighbouring inputs, and the model keeps every invariant with them (parallel == step, cpu-fast ==
+torch token for token, the ONNX export verified)."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import BACKENDS, make_checkpoint, perturb, require_backend, ssmgen
+from ssmgen.checkpoint import load_model
+from ssmgen.config import load_config
+from ssmgen.generate import Sampler, create_engine
+from ssmgen.model import SaShiMi, ordinal_features
+
+
+def ordinal_model(backend="s4d", seed=0):
+    require_backend(backend)
+    torch.manual_seed(seed)
+    cfg = load_config("tiny", backend=backend, overrides=["model.ordinal_input=true"])
+    return perturb(SaShiMi(cfg.model), scale=0.05, seed=seed).eval()
+
+
+def test_the_features_are_smooth_in_the_code_and_decode_mu_law():
+    f = ordinal_features(256).double()
+    step = (f[1:] - f[:-1]).abs().max().item()
+    assert step < 0.2  # the fastest wave moves by at most pi 8 (2 / 255) per code
+    assert f[0, 0] == -1 and f[255, 0] == 1  # position
+    assert f[0, 1] == -1 and f[255, 1] == 1 and abs(f[128, 1].item()) < 1e-3  # amplitude
+    assert np.linalg.matrix_rank(f.numpy()) == f.shape[1]  # no feature repeats another
+
+
+def test_the_embedding_adds_only_the_feature_map_and_starts_ordinal():
+    plain = SaShiMi(load_config("ablated").model)
+    torch.manual_seed(0)
+    model = SaShiMi(load_config("ablated", overrides=["model.ordinal_input=true"]).model)
+    n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert n == ordinal_features(256).shape[1] * 64
+    table = model.embedding.table().detach()
+    assert torch.equal(model.embedding(torch.arange(256)).detach(), table)
+    # the learned map moves every code by a smooth function: its part of neighbours' rows is close
+    part = table - model.embedding.weight.detach()
+    near = (part[1:] - part[:-1]).norm(dim=1).mean()
+    far = (part[:128] - part[128:]).norm(dim=1).mean()
+    assert near < far / 5, (near, far)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parallel_equals_step_with_ordinal_inputs(backend):
+    model = ordinal_model(backend)
+    tokens = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        state, outs = model.initial_state(2), []
+        for i in range(tokens.shape[1]):
+            out, state = model.step(tokens[:, i], state)
+            outs.append(out)
+        a, mid = model.forward_with_state(tokens[:, :137], model.initial_state(2))
+        b, _ = model.forward_with_state(tokens[:, 137:], mid)
+    scale = full.abs().max().item()
+    assert (torch.stack(outs, 1) - full).abs().max().item() <= 2e-6 * scale
+    assert (torch.cat([a, b], 1) - full).abs().max().item() <= 2e-6 * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_fast_gives_the_torch_tokens_with_ordinal_inputs(backend):
+    model = ordinal_model(backend)
+    prompt = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, state = model.forward_with_state(prompt, model.initial_state(3))
+    first, n = prompt[:, -1].numpy(), 16 * 4 + 3
+    results = []
+    for engine in ("torch", "cpu-fast"):
+        sampler = Sampler(seed=5, batch_size=3, temperature=[1.0, 0.8, 1.2], top_p=0.95)
+        toks, _ = create_engine(engine, model, 3, "cpu").generate(state, first, n, sampler)
+        results.append(toks)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_the_onnx_export_carries_ordinal_inputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ssmgen.export import export_onnx
+    ckpt = make_checkpoint(tmp_path / "m.pt", "s4d", overrides=("model.ordinal_input=true",))
+    model, _ = load_model(ckpt)
+    assert model.embedding.ordinal is not None  # the checkpoint's config rebuilds the map
+    r = export_onnx(ckpt, tmp_path / "m.onnx", verify_steps=512)
+    assert r["tokens_identical"] and r["max_logit_diff"] <= 1e-3
+
+
+def test_a_bad_value_is_refused_in_one_line(tmp_path):
+    r = ssmgen("train", tmp_path, "--set", "model.ordinal_input=maybe", "--max-steps", "1")
+    assert r.returncode == 2
+    assert "model.ordinal_input" in r.stderr and "Traceback" not in r.stderr
