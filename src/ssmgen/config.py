@@ -47,6 +47,9 @@ class ModelConfig:
     #: Add a learned map of smooth functions of each code's position to its embedding
     #: (`model.TokenEmbedding`); False: the paper's plain table.
     ordinal_input: bool = False
+    #: The same for the output layer's rows (`model.TokenHead`): neighbouring codes' logits
+    #: share a smooth learned part; False: the paper's plain layer.
+    ordinal_output: bool = False
 
     @property
     def frame(self) -> int:

@@ -93,6 +93,30 @@ class TokenEmbedding(nn.Embedding):
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.table())
 
+
+class TokenHead(nn.Linear):
+    """The output layer (d -> 256 logits). With `ordinal`, each token's row and bias get a learned
+    smooth part, `ordinal_features` times a (features, d + 1) map that starts at zero (so the
+    model starts as the plain one): neighbouring codes' logits move together. `folded()` is the
+    (weight, bias) every engine uses as a plain linear layer's."""
+
+    def __init__(self, d: int, n_tokens: int, ordinal: bool = False) -> None:
+        super().__init__(d, n_tokens)
+        self.ordinal = None
+        if ordinal:
+            self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
+            self.ordinal = nn.Parameter(torch.zeros(self.features.shape[1], d + 1))
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        if self.ordinal is None:
+            return self.weight, self.bias
+        part = self.features @ self.ordinal
+        return self.weight + part[:, :-1], self.bias + part[:, -1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, *self.folded())
+
+
 class SequenceBlock(nn.Module):
     """Pre-LayerNorm residual: x + Linear(GELU(backend(LN(x)))). The backend includes its D skip.
     A backend with its own output projection (Mamba) gets no GELU + linear after it."""
@@ -304,7 +328,7 @@ class SaShiMi(nn.Module):
         self.up = nn.ModuleList(UpPool(widths[i], p, cfg.expand) for i, p in enumerate(cfg.pool))
         self.tiers = nn.ModuleList(Tier(widths[i], cfg, lengths[i]) for i in range(len(cfg.pool)))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.n_tokens)
+        self.head = TokenHead(cfg.d_model, cfg.n_tokens, cfg.ordinal_output)
         self.prior = LinearPredictionPrior() if cfg.prior == "lpc" else None
         if self.prior is not None:  # start exactly at the classical coder (the prior alone)
             nn.init.zeros_(self.head.weight)

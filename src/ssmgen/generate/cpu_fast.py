@@ -120,7 +120,8 @@ class Packed:
         emb = _np(model.embedding.table())
         GO[K.G_EMB] = f.add(emb)
         GO[K.G_NG], GO[K.G_NB] = f.add(_np(model.norm.weight)), f.add(_np(model.norm.bias))
-        GO[K.G_HW], GO[K.G_HB] = _linear(f, model.head)
+        hw, hb = model.head.folded()
+        GO[K.G_HW], GO[K.G_HB] = f.add_linear(_np(hw).T), f.add(_np(hb))
         for i, p in enumerate(cfg.pool):
             GO[8 + 4 * i], GO[9 + 4 * i] = _linear(f, model.down[i].linear)
             GO[10 + 4 * i], GO[11 + 4 * i] = _linear(f, model.up[i].linear)

@@ -1,6 +1,7 @@
-"""Ordinal inputs (`model.ordinal_input`, model.TokenEmbedding): neighbouring codes get
-neighbouring inputs, and the model keeps every invariant with them (parallel == step, cpu-fast ==
-torch token for token, the ONNX export verified)."""
+"""Ordinal inputs and outputs (`model.ordinal_input`, `model.ordinal_output`: model.TokenEmbedding,
+model.TokenHead): neighbouring codes get neighbouring inputs and logits that share a smooth part,
+and the model keeps every invariant with them (parallel == step, cpu-fast == torch token for
+token, the ONNX export verified)."""
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ from ssmgen.config import load_config
 from ssmgen.generate import Sampler, create_engine
 from ssmgen.model import SaShiMi, ordinal_features
 
+BOTH = ("model.ordinal_input=true", "model.ordinal_output=true")
 
-def ordinal_model(backend="s4d", seed=0):
+
+def ordinal_model(backend="s4d", seed=0, overrides=BOTH):
     require_backend(backend)
     torch.manual_seed(seed)
-    cfg = load_config("tiny", backend=backend, overrides=["model.ordinal_input=true"])
+    cfg = load_config("tiny", backend=backend, overrides=list(overrides))
     return perturb(SaShiMi(cfg.model), scale=0.05, seed=seed).eval()
 
 
@@ -44,8 +47,26 @@ def test_the_embedding_adds_only_the_feature_map_and_starts_ordinal():
     assert near < far / 5, (near, far)
 
 
+def test_the_head_starts_plain_and_learns_a_part_shared_by_neighbours():
+    torch.manual_seed(0)
+    plain = SaShiMi(load_config("ablated").model)
+    torch.manual_seed(0)
+    model = SaShiMi(load_config("ablated", overrides=["model.ordinal_output=true"]).model)
+    x = torch.randn(5, 64)
+    assert torch.equal(model.head(x), plain.head(x))  # the map starts at zero
+    n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert n == ordinal_features(256).shape[1] * 65
+    # one gradient step on one code's logit moves its neighbours' logits, not the far codes'
+    opt = torch.optim.SGD([model.head.ordinal], lr=1.0)
+    model.head(x)[:, 140].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        moved = (model.head(x) - plain.head(x)).abs().mean(0)
+    assert moved[139] > moved[140] / 2 and moved[141] > moved[140] / 2
+    assert moved[20] < moved[140] / 4 and moved[250] < moved[140] / 4, moved
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_parallel_equals_step_with_ordinal_inputs(backend):
+def test_parallel_equals_step_with_ordinal_inputs_and_outputs(backend):
     model = ordinal_model(backend)
     tokens = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,8 +83,9 @@ def test_parallel_equals_step_with_ordinal_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cpu_fast_gives_the_torch_tokens_with_ordinal_inputs(backend):
-    model = ordinal_model(backend)
+@pytest.mark.parametrize("overrides", [BOTH[:1], BOTH[1:], BOTH], ids=["in", "out", "both"])
+def test_cpu_fast_gives_the_torch_tokens_with_ordinal_inputs_and_outputs(backend, overrides):
+    model = ordinal_model(backend, overrides=overrides)
     prompt = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _, state = model.forward_with_state(prompt, model.initial_state(3))
@@ -76,12 +98,13 @@ def test_cpu_fast_gives_the_torch_tokens_with_ordinal_inputs(backend):
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_the_onnx_export_carries_ordinal_inputs(tmp_path):
+def test_the_onnx_export_carries_ordinal_inputs_and_outputs(tmp_path):
     pytest.importorskip("onnxruntime")
     from ssmgen.export import export_onnx
-    ckpt = make_checkpoint(tmp_path / "m.pt", "s4d", overrides=("model.ordinal_input=true",))
+    ckpt = make_checkpoint(tmp_path / "m.pt", "s4d", overrides=BOTH)
     model, _ = load_model(ckpt)
-    assert model.embedding.ordinal is not None  # the checkpoint's config rebuilds the map
+    # the checkpoint's config rebuilds both maps, and the perturbed head map is not zero
+    assert model.embedding.ordinal is not None and model.head.ordinal.abs().sum() > 0
     r = export_onnx(ckpt, tmp_path / "m.onnx", verify_steps=512)
     assert r["tokens_identical"] and r["max_logit_diff"] <= 1e-3
 
