@@ -14,7 +14,9 @@ A version is either
 - a source folder (the ``src`` of a checkout, a worktree or an extracted commit): its whole
   ``ssmgen`` package is used, packer, model and kernels, so versions may differ anywhere;
 - a ``cpu_fast_kernels.py`` file: loaded into this tree's package in place of its kernels (the
-  kernels must take what this tree's packer passes them).
+  kernels must take what this tree's packer passes them; the products and backend steps it imports,
+  ``cpu_fast_linear`` and ``cpu_fast_backends``, stay this tree's: to compare a change there, name
+  source folders).
 
 To compare the code of an older commit with the working tree, extract the old one outside the
 repository and name both source folders::
@@ -55,8 +57,8 @@ RATE = 16000  # samples per second of audio, for "x real time"
 
 def _load_kernels(path: Path, tmp: Path):
     """`path` as a module of its own, with numba's on-disk cache off (a copy in `tmp`)."""
-    src = path.read_text().replace("JIT = dict(cache=True", "JIT = dict(cache=False")
-    copy = tmp / "kernels_override.py"
+    src = path.read_text().replace("JIT = dict(cache=True", "JIT = dict(cache=False")  # pre-split
+    copy = tmp / "kernels_override.py"  # its own numba cache, in the private `tmp`
     copy.write_text(src)
     spec = importlib.util.spec_from_file_location("kernels_override", copy)
     mod = importlib.util.module_from_spec(spec)

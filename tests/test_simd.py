@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from ssmgen.generate.cpu_fast_kernels import PANEL, linear, panel_order
+from ssmgen.generate.cpu_fast_linear import PANEL, linear, panel_order
 from ssmgen.simd import (
     LANES,
     vadd,

@@ -30,14 +30,16 @@ import torch
 
 from ssmgen.backends.base import FAST_LAYOUTS, SequenceBackend, check_fast_step
 from ssmgen.errors import UserError
+from ssmgen.generate import cpu_fast_backends as KB
 from ssmgen.generate import cpu_fast_kernels as K
+from ssmgen.generate import cpu_fast_linear as KL
 from ssmgen.generate.base import CHUNK
 from ssmgen.generate.sampling import Sampler
 from ssmgen.model import ModelState, SaShiMi
 from ssmgen.prior import STATE as PRIOR_STATE
 from ssmgen.tokens import N_TOKENS
 
-ALIGN = K.ALIGN
+ALIGN = KL.ALIGN
 
 
 def supports(model: SaShiMi) -> bool:
@@ -67,13 +69,13 @@ class _Flat:
 
     def add_linear(self, wt) -> int:
         """A (in, out) map, stored in the column panels the product kernel reads."""
-        return self.add(K.panel_order(np.asarray(wt, dtype=np.float32)))
+        return self.add(KL.panel_order(np.asarray(wt, dtype=np.float32)))
 
     def array(self) -> np.ndarray:
-        """The packed array, with K.PANEL zeros after the last block: the product kernel reads a
+        """The packed array, with KL.PANEL zeros after the last block: the product kernel reads a
         bias, and each input's row of a map's narrower last panel, a whole panel (64 floats) at a
         time, past the end of a shorter one."""
-        return np.concatenate(self.parts + [np.zeros(K.PANEL, np.float32)])
+        return np.concatenate(self.parts + [np.zeros(KL.PANEL, np.float32)])
 
 
 def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
@@ -82,7 +84,7 @@ def _linear(f: _Flat, lin: torch.nn.Linear) -> tuple[int, int]:
 
 def _backend_fields(f: _Flat, layer, width: int) -> tuple[list[int], dict[str, int]]:
     """Pack `layer.fast_step()` as it is: the offsets of its tensors in the layout's order, then
-    the layout's dimensions (what the kernel reads at `K.lo_slots(kind)`), and the dimensions by
+    the layout's dimensions (what the kernel reads at `KB.lo_slots(kind)`), and the dimensions by
     name. UserError (one line) for a layer without a packable step form or whose tensors do not
     follow the layout."""
     kind = getattr(layer, "fast_kind", None)
@@ -135,31 +137,31 @@ class Packed:
             GO[K.G_PRIOR] = f.add(np.concatenate([_np(pr.coef), _np(pr.mask), _np(pr.table),
                                                   _np(pr.lo), _np(pr.hi)[-1:], _np(pr.width),
                                                   _np(pr.settings)]))
-        LO = np.zeros((T, cfg.n_layers, K.LO_WIDTH), np.int64)
+        LO = np.zeros((T, cfg.n_layers, KB.LO_WIDTH), np.int64)
         wmax = max(widths)
         tmp = 0
         for l in range(T):
             tier = model._tier(l)
             for j, (seq, ff) in enumerate(zip(tier.seq, tier.ff)):
                 lo = LO[l, j]
-                lo[K.N1G], lo[K.N1B] = f.add(_np(seq.norm.weight)), f.add(_np(seq.norm.bias))
+                lo[KB.N1G], lo[KB.N1B] = f.add(_np(seq.norm.weight)), f.add(_np(seq.norm.bias))
                 if seq.output_linear is not None:
-                    lo[K.OLW], lo[K.OLB] = _linear(f, seq.output_linear)
-                lo[K.N2G], lo[K.N2B] = f.add(_np(ff.norm.weight)), f.add(_np(ff.norm.bias))
-                lo[K.F1W], lo[K.F1B] = _linear(f, ff.fc1)
-                lo[K.F2W], lo[K.F2B] = _linear(f, ff.fc2)
+                    lo[KB.OLW], lo[KB.OLB] = _linear(f, seq.output_linear)
+                lo[KB.N2G], lo[KB.N2B] = f.add(_np(ff.norm.weight)), f.add(_np(ff.norm.bias))
+                lo[KB.F1W], lo[KB.F1B] = _linear(f, ff.fc1)
+                lo[KB.F2W], lo[KB.F2B] = _linear(f, ff.fc2)
                 if getattr(seq.layer, "fast_kind", None) != kind:  # one backend per model
                     raise UserError(f"engine cpu-fast: the model mixes step forms ({kind!r} and "
                                     f"{getattr(seq.layer, 'fast_kind', None)!r}); use --engine "
                                     "torch")
                 fields, dims = _backend_fields(f, seq.layer, widths[l])
-                lo[K.BK:K.BK + len(fields)] = fields
-                tmp = max(tmp, K.scratch_floats(kind, dims, wmax))
+                lo[KB.BK:KB.BK + len(fields)] = fields
+                tmp = max(tmp, KB.scratch_floats(kind, dims, wmax))
         self.W = f.array()
         self.GO, self.LO = GO, LO
         ci = np.zeros(16, np.int64)
         ci[K.C_T], ci[K.C_NL], ci[K.C_FFE], ci[K.C_GLU] = T, cfg.n_layers, cfg.ff_expand, cfg.glu
-        ci[K.C_KIND] = K.KIND_IDS[kind]
+        ci[K.C_KIND] = KB.KIND_IDS[kind]
         ci[K.C_OUTPROJ] = int(first.has_output_projection)
         ci[K.C_CAP] = 2 * wmax
         ci[K.C_PRIOR] = int(model.prior is not None)
