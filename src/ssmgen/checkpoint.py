@@ -143,15 +143,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     model = new_model(cfg.model, what=where, fix="it is larger than this machine can hold",
                       shapes=shapes)
+    load_weights(model, ckpt["model"], where)
+    return model.to(device).eval(), ckpt
+
+
+def load_weights(model, weights: dict, where: str | Path) -> None:
+    """`model.load_state_dict(weights)` for weights read from the file `where`, which is data:
+    weights that do not fit the model, or a classical prior whose numbers are out of range, are
+    refused in one line naming the file."""
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"{where}: weights do not match its config "
                         f"({' '.join(str(e).split())[:160]})") from None
     problem = model.prior.problem() if model.prior is not None else None
     if problem:
         raise UserError(f"{where}: its classical prior is not usable ({problem})")
-    return model.to(device).eval(), ckpt
 
 
 def slim_checkpoint(src: str | Path, dst: str | Path, note: str = "") -> Path:

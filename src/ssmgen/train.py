@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmgen.atomic import remove_stale_temps, write_failure, write_text
-from ssmgen.checkpoint import load_checkpoint, save_checkpoint
+from ssmgen.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ssmgen.config import AUTO_BATCH_MAX, Config, ModelConfig
 from ssmgen.data import Dataset
 from ssmgen.ema import WeightAverage
@@ -289,7 +289,7 @@ class Trainer:
                      f"training {cfg.train.batch_size} x {cfg.train.sample_len} samples per step",
                      "lower --batch-size or --sample-len", self.device)
         if self.init is not None:  # fine-tuning: the weights, not the optimizer or schedule
-            model.load_state_dict(self.init["model"])
+            load_weights(model, self.init["model"], self.init["path"])
         if model.prior is not None and self.state is None:  # a new run, or fine-tuning
             _fit_prior(model, self.dataset)
         self.model = model.to(self.device)
@@ -297,11 +297,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.step, self.elapsed, self.best = 0, 0.0, math.inf
         if self.state is not None:
-            self.model.load_state_dict(self.state["model"])
-            problem = self.model.prior.problem() if self.model.prior is not None else None
-            if problem:  # as load_model checks it: a checkpoint is data
-                raise UserError(f"{self.run_dir / 'checkpoints' / 'last.pt'}: its classical "
-                                f"prior is not usable ({problem})")
+            load_weights(self.model, self.state["model"], self.run_dir / "checkpoints" / "last.pt")
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.schedule.load_state_dict(self.state["schedule"])
             self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
