@@ -17,12 +17,16 @@ def test_shipped_presets():
             paper.train.warmup_steps, paper.train.schedule) == (1, 131072, 4e-3, 1e-3, 0, "plateau")
     assert load_config("sashimi").model.n_layers == 8
     cpu = load_config("ablated-cpu")  # the same model, the CPU-budget recipe
-    assert replace(cpu.model, seq_len=None) == replace(paper.model, seq_len=None)
+    # ... parameterized for training with the ordinal maps, which fold away (the same function)
+    assert (cpu.model.ordinal_input, cpu.model.ordinal_output) == (True, True)
+    assert (paper.model.ordinal_input, paper.model.ordinal_output) == (False, False)
+    assert replace(cpu.model, seq_len=None, ordinal_input=False, ordinal_output=False) == \
+        replace(paper.model, seq_len=None)
     # The model records the length it is trained at (S4's C~ is parameterized for it).
     assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 4096)
     assert load_config("tiny", overrides=["train.sample_len=256"]).model.seq_len == 256
     assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == \
-        (4, 4096, 1e-3, 100)
+        (4, 4096, 2e-3, 100)
 
 
 def test_the_recipe_follows_the_device_unless_named(monkeypatch):

@@ -14,7 +14,13 @@ from ssmgen.model import SaShiMi, count_parameters, tier_schedule
 @pytest.mark.parametrize("preset,expected", [("ablated", 1_289_600), ("sashimi", 4_072_448)])
 def test_paper_parameter_counts_with_s4(preset, expected):
     require_backend("s4")
-    assert count_parameters(SaShiMi(load_config(preset, backend="s4").model)) == expected
+    paper = SaShiMi(load_config(preset, backend="s4", recipe="paper").model)
+    assert count_parameters(paper) == expected
+    # the cpu recipe trains the same model with the ordinal maps (18 features into 64 channels
+    # at the input; 18 x (64 + 1) at the head), which fold into its table and head
+    cpu = SaShiMi(load_config(preset, backend="s4", recipe="cpu").model)
+    assert count_parameters(cpu) == expected + 18 * 64 + 18 * 65
+    assert count_parameters(cpu, folded=True) == expected
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -33,9 +33,10 @@ def test_the_features_are_smooth_in_the_code_and_decode_mu_law():
 
 
 def test_the_embedding_adds_only_the_feature_map_and_starts_ordinal():
-    plain = SaShiMi(load_config("ablated").model)
+    plain = SaShiMi(load_config("ablated", recipe="paper").model)
     torch.manual_seed(0)
-    model = SaShiMi(load_config("ablated", overrides=["model.ordinal_input=true"]).model)
+    model = SaShiMi(load_config("ablated", recipe="paper",
+                                overrides=["model.ordinal_input=true"]).model)
     n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
     assert n == ordinal_features(256).shape[1] * 64
     table = model.embedding.table().detach()
@@ -49,9 +50,10 @@ def test_the_embedding_adds_only_the_feature_map_and_starts_ordinal():
 
 def test_the_head_starts_plain_and_learns_a_part_shared_by_neighbours():
     torch.manual_seed(0)
-    plain = SaShiMi(load_config("ablated").model)
+    plain = SaShiMi(load_config("ablated", recipe="paper").model)
     torch.manual_seed(0)
-    model = SaShiMi(load_config("ablated", overrides=["model.ordinal_output=true"]).model)
+    model = SaShiMi(load_config("ablated", recipe="paper",
+                                overrides=["model.ordinal_output=true"]).model)
     x = torch.randn(5, 64)
     assert torch.equal(model.head(x), plain.head(x))  # the map starts at zero
     n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())

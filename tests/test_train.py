@@ -235,6 +235,12 @@ def test_init_fine_tunes_a_model_by_name_with_a_fresh_optimizer(data, tmp_path):
     close = [torch.allclose(tuned["model"][k], v, atol=1e-2) for k, v in bundled["model"].items()]
     assert all(close)  # one small step away from the bundled weights
     assert any(not torch.equal(tuned["model"][k], v) for k, v in bundled["model"].items())
+    # the preset's recipe parameterizes with ordinal maps; the plain model's weights decide
+    r = ssmgen("train", data, "--init", "ablated-s4d-pieces", "--preset", "ablated", "--max-steps",
+               1, "--sample-len", 1024, "--batch-size", 1, "--set", "train.sample_seconds=0",
+               "--set", "train.val_max_samples=2048", "--out", tmp_path / "p", "-q")
+    assert r.returncode == 0, r.stderr
+    assert set(weights(tmp_path / "p")["model"]) == set(bundled["model"])
     r = ssmgen("train", data, "--init", "ablated-s4d-pieces", "--preset", "tiny", "--max-steps",
                1, "--out", tmp_path / "x", "-q")
     assert r.returncode == 2 and "its model has d_model = 64" in r.stderr, r.stderr

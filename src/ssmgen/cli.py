@@ -214,7 +214,8 @@ def presets(
         counts = []
         for b in names:
             try:
-                counts.append(f"{count_parameters(SaShiMi(load_config(p, backend=b).model)):,}")
+                model = SaShiMi(load_config(p, backend=b).model)
+                counts.append(f"{count_parameters(model, folded=True):,}")
             except Exception as e:  # a broken plug-in must not hide the other rows
                 counts.append(f"({type(e).__name__})")
         cfg = load_config(p)

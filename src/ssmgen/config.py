@@ -382,13 +382,19 @@ def preset_text(name_or_path: str) -> str:
     return _shipped("presets", name_or_path)
 
 
+#: The model fields a recipe may set: how the weights are parameterized while training, not what
+#: the model computes (the ordinal maps fold into a plain table and head: `model.TokenEmbedding`).
+RECIPE_MODEL_FIELDS = ("ordinal_input", "ordinal_output")
+
+
 def read_recipe(name: str) -> dict:
-    """A recipe's override dict (train fields only)."""
+    """A recipe's override dict (train fields, and the model fields of RECIPE_MODEL_FIELDS)."""
     if name not in recipe_names():
         raise UserError(f"--recipe {name}: use auto or one of {', '.join(recipe_names())}")
     data = _read_yaml(_shipped("recipes", name), f"recipe {name}")
-    if set(data) - {"train"}:
-        raise UserError(f"recipe {name}: may only set train fields")
+    if set(data) - {"train", "model"} or set(data.get("model") or {}) - set(RECIPE_MODEL_FIELDS):
+        raise UserError(f"recipe {name}: may only set train fields and model."
+                        f"{', model.'.join(RECIPE_MODEL_FIELDS)}")
     return data
 
 

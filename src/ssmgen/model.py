@@ -85,6 +85,10 @@ class TokenEmbedding(nn.Embedding):
             self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
             self.ordinal = nn.Linear(self.features.shape[1], d, bias=False)
 
+    def map_size(self) -> int:
+        """Parameters of the ordinal map (0 without one): they fold into `table()`."""
+        return self.ordinal.weight.numel() if self.ordinal is not None else 0
+
     def table(self) -> Tensor:
         if self.ordinal is None:
             return self.weight
@@ -106,6 +110,10 @@ class TokenHead(nn.Linear):
         if ordinal:
             self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
             self.ordinal = nn.Parameter(torch.zeros(self.features.shape[1], d + 1))
+
+    def map_size(self) -> int:
+        """Parameters of the ordinal map (0 without one): they fold into `folded()`."""
+        return self.ordinal.numel() if self.ordinal is not None else 0
 
     def folded(self) -> tuple[Tensor, Tensor]:
         if self.ordinal is None:
@@ -596,5 +604,10 @@ def activation_bytes(cfg: ModelConfig, batch: int, length: int, *, training: boo
     return int(4 * batch * length * per_position / (1 if training else 4))
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, folded: bool = False) -> int:
+    """Trainable parameters; `folded`: of the model as it computes, the ordinal maps folded into
+    its input table and head (what the paper counts)."""
+    n = sum(p.numel() for p in model.parameters())
+    if folded and isinstance(model, SaShiMi):
+        n -= model.embedding.map_size() + model.head.map_size()
+    return n

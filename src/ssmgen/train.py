@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ssmgen.atomic import remove_stale_temps, write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ssmgen.config import AUTO_BATCH_MAX, Config, ModelConfig
+from ssmgen.config import AUTO_BATCH_MAX, RECIPE_MODEL_FIELDS, Config, ModelConfig
 from ssmgen.data import Dataset
 from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
@@ -207,11 +207,12 @@ def init_model_config(init: str | Path) -> tuple[dict, ModelConfig]:
 def _same_model(given: ModelConfig, init: ModelConfig, where: str) -> None:
     """UserError naming the first field in which the model to train differs from the `--init`
     model (its weights could not be loaded, or would mean something else). Dropout is training,
-    not the model: it may change; seq_len follows the weights."""
+    not the model: it may change; seq_len and the ordinal maps (a recipe's choice of how the
+    weights are parameterized) follow the weights."""
     a, b = dataclasses.asdict(given), dataclasses.asdict(init)
     a["backend_options"], b["backend_options"] = given.options(), init.options()
     for key in a:
-        if key not in ("seq_len", "dropout") and a[key] != b[key]:
+        if key not in ("seq_len", "dropout", *RECIPE_MODEL_FIELDS) and a[key] != b[key]:
             raise UserError(f"--init {where}: its model has {key} = {b[key]!r}, the preset asks "
                             f"for {a[key]!r}; fine-tuning needs the same model (leave out "
                             "--preset/--backend to take the model's own)")
