@@ -26,7 +26,7 @@ DATA = Path("data")
 RUNS = Path("runs")
 RUN_MARKER = "run.json"  # marks a folder as a run of ours (and records how it was started)
 RUN_FORMAT = "ssmgen-run"
-BUNDLED_DEFAULT = "ablated-s4d-pieces"
+BUNDLED_DEFAULT = "ablated-s4d-mix"
 
 
 @dataclass
