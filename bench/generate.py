@@ -3,6 +3,8 @@ backend and batch size, and the time to read an 8 s prompt (`model.forward_with_
 
     .venv/bin/python bench/generate.py                       # everything available
     .venv/bin/python bench/generate.py --engines cpu-fast --presets ablated --batch 1 --seconds 2
+    .venv/bin/python bench/generate.py --engines torch --presets ablated --backends s4d --batch 1 \
+        --threads 1 --prompt-seconds 0 --set model.ordinal_input=false model.ordinal_output=false
     python3 bench/generate.py --device cuda --engines torch cuda-graph --batch 1 32 \
         --run-seconds 0.4 --repeats 2 --jsonl speed.jsonl   # the GPU check's call
 
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--prompt-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every model, as train's --set")
     ap.add_argument("--jsonl", default=None, help="append one JSON line per measurement here")
     args = ap.parse_args()
     if args.threads:
@@ -132,7 +136,8 @@ def main() -> None:
                 print(f"{preset:8} {name:7} (backend not present: skipped)")
                 continue
             torch.manual_seed(0)
-            model = SaShiMi(load_config(preset, backend=name).model).to(device).eval()
+            cfg = load_config(preset, backend=name, overrides=args.set)
+            model = SaShiMi(cfg.model).to(device).eval()
             if args.prompt_seconds > 0:
                 row = {"kind": "prompt", "preset": preset, "backend": name,
                        "device": str(device), "prompt_seconds": args.prompt_seconds}

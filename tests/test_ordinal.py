@@ -1,5 +1,5 @@
-"""Ordinal inputs and outputs (`model.ordinal_input`, `model.ordinal_output`: model.TokenEmbedding,
-model.TokenHead): neighbouring codes get neighbouring inputs and logits that share a smooth part,
+"""Ordinal inputs and outputs (`model.ordinal_input`, `model.ordinal_output`: ordinal.TokenEmbedding,
+ordinal.TokenHead): neighbouring codes get neighbouring inputs and logits that share a smooth part,
 and the model keeps every invariant with them (parallel == step, cpu-fast == torch token for
 token, the ONNX export verified)."""
 
@@ -11,7 +11,8 @@ from helpers import BACKENDS, make_checkpoint, perturb, require_backend, ssmgen
 from ssmgen.checkpoint import load_model
 from ssmgen.config import load_config
 from ssmgen.generate import Sampler, create_engine
-from ssmgen.model import SaShiMi, ordinal_features
+from ssmgen.model import SaShiMi
+from ssmgen.ordinal import ordinal_features
 
 BOTH = ("model.ordinal_input=true", "model.ordinal_output=true")
 
@@ -66,6 +67,36 @@ def test_the_head_starts_plain_and_learns_a_part_shared_by_neighbours():
         moved = (model.head(x) - plain.head(x)).abs().mean(0)
     assert moved[139] > moved[140] / 2 and moved[141] > moved[140] / 2
     assert moved[20] < moved[140] / 4 and moved[250] < moved[140] / 4, moved
+
+def test_inference_folds_once_and_follows_every_change_of_the_weights():
+    model = ordinal_model()
+    emb, head = model.embedding, model.head
+
+    def check_fresh():
+        table, (w, b) = emb.table(), head.folded()
+        assert torch.equal(table, emb.weight + emb.ordinal(emb.features))
+        want_w, want_b = head._fold_now()
+        assert torch.equal(w, want_w) and torch.equal(b, want_b)
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        table, (w, _) = emb.table(), head.folded()
+        assert emb.table() is table and head.folded()[0] is w  # kept, not recomputed per step
+        emb.ordinal.weight.add_(0.1)  # what an optimizer step does
+        head.ordinal.add_(0.1)
+        assert not torch.equal(emb.table(), table) and not torch.equal(head.folded()[0], w)
+        check_fresh()
+        model.load_state_dict(saved)  # what the weight average's swap does
+        assert torch.equal(emb.table(), table) and torch.equal(head.folded()[0], w)
+    model.double()
+    with torch.no_grad():
+        assert emb.table().dtype == torch.float64 and head.folded()[1].dtype == torch.float64
+        check_fresh()
+    # with grad the fold is part of the graph: the gradient reaches both maps
+    model.float()
+    model.head(model.embedding(torch.arange(4))).sum().backward()
+    assert emb.ordinal.weight.grad.abs().sum() > 0 and head.ordinal.grad.abs().sum() > 0
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parallel_equals_step_with_ordinal_inputs_and_outputs(backend):

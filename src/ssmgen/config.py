@@ -45,9 +45,9 @@ class ModelConfig:
     #: (`prior.py`); "none": the paper's model.
     prior: str = "none"
     #: Add a learned map of smooth functions of each code's position to its embedding
-    #: (`model.TokenEmbedding`); False: the paper's plain table.
+    #: (`ordinal.TokenEmbedding`); False: the paper's plain table.
     ordinal_input: bool = False
-    #: The same for the output layer's rows (`model.TokenHead`): neighbouring codes' logits
+    #: The same for the output layer's rows (`ordinal.TokenHead`): neighbouring codes' logits
     #: share a smooth learned part; False: the paper's plain layer.
     ordinal_output: bool = False
 
@@ -383,7 +383,7 @@ def preset_text(name_or_path: str) -> str:
 
 
 #: The model fields a recipe may set: how the weights are parameterized while training, not what
-#: the model computes (the ordinal maps fold into a plain table and head: `model.TokenEmbedding`).
+#: the model computes (the ordinal maps fold into a plain table and head: `ordinal.TokenEmbedding`).
 RECIPE_MODEL_FIELDS = ("ordinal_input", "ordinal_output")
 
 
