@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmgen.testing import perturb, step_through  # noqa: F401  (re-exported for the tests)
+from ssmgen.testing import perturb, step_through
 
 BACKENDS = ["s4", "s4d", "mamba"]
 # Parametrize a test over these to run it on the CPU and, marked `cuda` (conftest.py skips it
@@ -15,6 +15,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # The suite runs as 2 pytest-xdist workers on 2 cores: one intra-op thread each. (More threads
 # than cores make every tiny op in a step wait milliseconds for a busy thread pool.)
 torch.set_num_threads(1)
+
+
+def check_model_modes(model, tokens: torch.Tensor, cut: int = 137):
+    """Assert the whole model's parallel logits == its step-by-step ones == two chunked reads
+    split at `cut`, to float32 tolerance; returns (the state after stepping, after the reads)."""
+    batch = tokens.shape[0]
+    with torch.no_grad():
+        full = model(tokens)
+        stepped, state = step_through(model, tokens, model.initial_state(batch))
+        a, mid = model.forward_with_state(tokens[:, :cut], model.initial_state(batch))
+        b, end = model.forward_with_state(tokens[:, cut:], mid)
+    scale = full.abs().max().item()
+    assert (stepped - full).abs().max().item() <= 2e-6 * scale
+    assert (torch.cat([a, b], 1) - full).abs().max().item() <= 2e-6 * scale
+    return state, end
 
 
 def require_backend(name: str) -> None:

@@ -1,13 +1,13 @@
-"""Ordinal inputs and outputs (`model.ordinal_input`, `model.ordinal_output`: ordinal.TokenEmbedding,
-ordinal.TokenHead): neighbouring codes get neighbouring inputs and logits that share a smooth part,
-and the model keeps every invariant with them (parallel == step, cpu-fast == torch token for
-token, the ONNX export verified)."""
+"""Ordinal inputs and outputs (`model.ordinal_input`, `model.ordinal_output`:
+ordinal.TokenEmbedding, ordinal.TokenHead): neighbouring codes get neighbouring inputs and logits
+that share a smooth part, and the model keeps every invariant with them (parallel == step, cpu-fast
+== torch token for token, the ONNX export verified, the fold kept for inference)."""
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import BACKENDS, make_checkpoint, perturb, require_backend, ssmgen
+from helpers import BACKENDS, check_model_modes, make_checkpoint, perturb, require_backend, ssmgen
 from ssmgen.checkpoint import load_model
 from ssmgen.config import load_config
 from ssmgen.generate import Sampler, create_engine
@@ -102,17 +102,7 @@ def test_inference_folds_once_and_follows_every_change_of_the_weights():
 def test_parallel_equals_step_with_ordinal_inputs_and_outputs(backend):
     model = ordinal_model(backend)
     tokens = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(tokens)
-        state, outs = model.initial_state(2), []
-        for i in range(tokens.shape[1]):
-            out, state = model.step(tokens[:, i], state)
-            outs.append(out)
-        a, mid = model.forward_with_state(tokens[:, :137], model.initial_state(2))
-        b, _ = model.forward_with_state(tokens[:, 137:], mid)
-    scale = full.abs().max().item()
-    assert (torch.stack(outs, 1) - full).abs().max().item() <= 2e-6 * scale
-    assert (torch.cat([a, b], 1) - full).abs().max().item() <= 2e-6 * scale
+    check_model_modes(model, tokens)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,6 +7,7 @@ import torch
 
 from helpers import (
     BACKENDS,
+    check_model_modes,
     make_checkpoint,
     make_dataset,
     perturb,
@@ -65,17 +66,7 @@ def test_parallel_equals_step_and_chunked_reads_with_the_prior(backend):
     model = model_with_prior(backend)
     tokens = torch.from_numpy(tone_coder()[1][5000:5300].astype(np.int64)).view(1, -1)
     tokens = torch.cat([tokens, tokens.flip(1)])
-    with torch.no_grad():
-        full = model(tokens)
-        state, outs = model.initial_state(2), []
-        for i in range(tokens.shape[1]):
-            out, state = model.step(tokens[:, i], state)
-            outs.append(out)
-        a, mid = model.forward_with_state(tokens[:, :137], model.initial_state(2))
-        b, end = model.forward_with_state(tokens[:, 137:], mid)
-    scale = full.abs().max().item()
-    assert (torch.stack(outs, 1) - full).abs().max().item() <= 2e-6 * scale
-    assert (torch.cat([a, b], 1) - full).abs().max().item() <= 2e-6 * scale
+    state, end = check_model_modes(model, tokens)
     for n in ("prior.hist", "prior.res", "prior.seen"):
         assert (state.tensors[n] - end.tensors[n]).abs().max().item() <= 1e-5, n
     assert end.tensors["prior.seen"].flatten().tolist() == [300.0, 300.0]
