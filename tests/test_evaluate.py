@@ -87,5 +87,49 @@ def test_eval_prints_the_classical_coder_on_the_same_split(setup):
     assert c["order"] == 32 and c["tuned_on"] == "val"
     r = ssmgen("eval", ckpt, "--data", root / "ds", "--split", "test")
     assert r.returncode == 0, r.stderr
-    assert f"{res['bpb']:.2f} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the same " \
-           "split" in r.stdout
+    assert f"{res['streamed']['bpb']:.2f} streamed bits per sample; a classical LPC coder: " \
+           f"{c['bpb']:.2f} on the same split" in r.stdout
+
+
+def test_streamed_scores_a_file_as_stepping_through_it_does(setup, tmp_path):
+    """Streamed: the state carried through the file, as `continue` uses the model: the same
+    figure as stepping the model sample by sample from the file's start, whatever the read
+    size; chunked (the paper's protocol) restarts every chunk, so it differs."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ssmgen.audio import read_song_tokens
+    from ssmgen.checkpoint import load_model
+    from ssmgen.evaluate import evaluate_audio
+
+    _, _, ckpt = setup
+    song = write_tone(tmp_path / "short.wav", seconds=0.05, rate=16000, channels=1)
+    model, meta = load_model(ckpt, "cpu")
+    tokens = torch.from_numpy(read_song_tokens(song, meta["data_format"]).astype("int64"))
+    with torch.no_grad():
+        state, prev, nll = model.initial_state(1), torch.tensor([128]), 0.0
+        for tok in tokens:
+            logits, state = model.step(prev, state)
+            nll += F.cross_entropy(logits, tok.view(1), reduction="sum").item()
+            prev = tok.view(1)
+    stepped = nll / len(tokens) / math.log(2)
+    small = evaluate_audio(ckpt, [song], chunk_len=96, progress=False, classical=False)
+    whole = evaluate_audio(ckpt, [song], chunk_len=4096, progress=False, classical=False)
+    assert small["samples"] == whole["samples"] == len(tokens) == 800
+    assert small["streamed"]["bpb"] == pytest.approx(stepped, rel=1e-5)
+    assert whole["streamed"]["bpb"] == pytest.approx(stepped, rel=1e-5)
+    assert whole["bpb"] == pytest.approx(stepped, rel=1e-5)  # one chunk: nothing to carry
+    assert abs(small["bpb"] - stepped) > 1e-3  # 9 fresh starts: not what a read of the file sees
+    assert small["files"][0]["streamed"]["bpb"] == small["streamed"]["bpb"]
+
+
+def test_chunked_only_skips_the_streamed_pass(setup):
+    root, _, ckpt = setup
+    r = ssmgen("eval", ckpt, "--audio", root / "songs" / "b.flac", "--chunked-only", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "streamed" not in res and "streamed" not in res["files"][0]
+    r = ssmgen("eval", ckpt, "--audio", root / "songs" / "b.flac")
+    assert r.returncode == 0, r.stderr
+    assert "in chunks of" in r.stdout and "b.flac, streamed:" in r.stdout

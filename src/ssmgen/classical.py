@@ -198,7 +198,7 @@ def score(coder: dict, segments: Sequence[np.ndarray]) -> tuple[float, int]:
 
 def split_files(dataset, split: str, max_samples: int | None = None) -> list[np.ndarray]:
     """The files of a split as token arrays (memory-mapped views), cut after `max_samples`
-    positions in all, as the evaluation of a model cuts them (`Dataset.eval_chunks`)."""
+    positions in all, as the evaluation of a model cuts them (`Dataset.file_tokens`)."""
     return list(dataset.file_tokens(split, max_samples))
 
 

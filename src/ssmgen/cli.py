@@ -328,19 +328,24 @@ def eval_(
     audio: Optional[List[Path]] = typer.Option(
         None, "--audio", help="Score these audio files instead of a split (repeat the option; "
                               "any format, rate, channels)."),
+    streamed: bool = typer.Option(True, "--streamed/--chunked-only",
+                                  help="Also score with the state carried through each file, as "
+                                       "`continue` uses the model (about twice the time)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Bits per byte and top-1/3/5/10 accuracy of a model on a split or on audio files."""
+    """Bits per byte and top-1/3/5/10 accuracy of a model on a split or on audio files: in
+    chunks of its training length from a fresh state (the paper's protocol) and streamed, the
+    state carried through each file (as `continue` reads a song)."""
     from ssmgen.evaluate import evaluate, evaluate_audio
 
     path = _model_choice(model, model_opt)
     show = not (quiet or as_json)
     if audio:
-        r = evaluate_audio(path, list(audio), device=device, progress=show)
+        r = evaluate_audio(path, list(audio), device=device, progress=show, streamed=streamed)
     else:
         r = evaluate(path, split, data=data, device=device, max_samples=max_samples,
-                     progress=show)
+                     progress=show, streamed=streamed)
     if as_json:
         print(json.dumps(r, indent=2))
         return
@@ -354,10 +359,14 @@ def eval_(
     if len(files) > 1:
         for f in files:
             line(f["file"], f)
-    line(files[0]["file"] if len(files) == 1 else "all files" if files else r["split"], r)
+    what = files[0]["file"] if len(files) == 1 else "all files" if files else r["split"]
+    line(f"{what}, in chunks of {r['chunk_len']:,}", r)
+    if "streamed" in r:
+        line(f"{what}, streamed", r["streamed"])
     c = r.get("classical")
     if c:
-        out.print(f"{r['bpb']:.2f} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the "
+        ours = f"{r['streamed']['bpb']:.2f} streamed" if "streamed" in r else f"{r['bpb']:.2f}"
+        out.print(f"{ours} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the "
                   f"same {'files' if files else 'split'} (order {c['order']}, {c['dist']} "
                   f"residual with a running scale; fitted on the train split, tuned on "
                   f"{c['tuned_on']})", highlight=False)

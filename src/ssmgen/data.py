@@ -132,13 +132,6 @@ class Dataset:
         return shift_inputs(targets), targets
 
     # --- evaluation -------------------------------------------------------------------------------
-    def eval_chunks(self, split: str, length: int,
-                    max_samples: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every position of the split once, as (inputs, targets) int64 (1, n) chunks of `length`
-        (the last chunk of each file shorter), aligned exactly as training crops are."""
-        for part in self.file_tokens(split, max_samples):
-            yield from token_chunks(part, length)
-
     def file_tokens(self, split: str, max_samples: int | None = None) -> Iterator[np.ndarray]:
         """Each file's tokens in the split (memory-mapped views), in order, cut after
         `max_samples` positions in all: what an evaluation of the split reads."""
@@ -194,12 +187,20 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def token_chunks(tokens: np.ndarray, length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def token_chunks(tokens: np.ndarray, length: int,
+                 streamed: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One file's tokens as consecutive (inputs, targets) int64 (1, n) chunks of `length` (the
-    last one shorter), each aligned as a training crop (`shift_inputs`)."""
+    last one shorter), each aligned as a training crop (`shift_inputs`): silence first. With
+    `streamed`, only the file's first chunk starts with silence; the others start with the sample
+    before them, as one read of the whole file would (the model's state then carries across)."""
+    prev = SILENCE_TOKEN
     for start in range(0, len(tokens), length):
         t = np.asarray(tokens[start: start + length], dtype=np.int64)
-        yield shift_inputs(t[None]), t[None]
+        inputs = shift_inputs(t[None])
+        if streamed:
+            inputs[0, 0] = prev
+            prev = int(t[-1])
+        yield inputs, t[None]
 
 
 def shift_inputs(targets: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Bits per byte and top-k accuracy of a model over a whole split, or over any audio files.
 
 bits per byte = mean cross-entropy (nats) / ln 2 over every position of the split, computed in
-full-length chunks in parallel mode, aligned exactly as training crops are (`data.shift_inputs`).
+full-length chunks in parallel mode, aligned exactly as training crops are (`data.shift_inputs`):
+the paper's protocol. Streamed, the state is carried through each file instead, so every position
+sees the whole file before it: how `continue` uses a model (docs/architecture.md says why both).
 Audio files (`evaluate_audio`) are read as training files were and scored the same way: a song
 the model never heard is the honest held-out check.
 """
@@ -26,29 +28,38 @@ TOPK = (1, 3, 5, 10)
 
 
 @torch.no_grad()
-def score_chunks(model: torch.nn.Module, chunks: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                 total: int, label: str, rate: int, device: torch.device | str = "cpu",
-                 progress: bool = True) -> dict[str, Any]:
-    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over (inputs, targets) chunks, each
-    read in parallel mode from a fresh state."""
+def score_files(model: torch.nn.Module, files: Iterable[np.ndarray], length: int, *,
+                total: int, label: str, rate: int, streamed: bool = False,
+                device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over every position of each file's
+    tokens, read in parallel mode in chunks of `length`. Chunked (the paper's protocol): each
+    chunk from a fresh state, aligned as a training crop. `streamed`: the state carried from
+    chunk to chunk through each file, so a position sees the whole file before it, as `continue`
+    reads a prompt and generates (and as the classical coder adapts)."""
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
     hits = dict.fromkeys(TOPK, 0)
     with progress_bar(progress) as bar:
         task = bar.add_task(label, total=total, unit="samples", rate=rate)
-        for inputs, targets in chunks:
-            x = torch.from_numpy(inputs).to(device)
-            y = torch.from_numpy(targets).to(device)
-            logits = model(x).float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   reduction="sum").item()
-            top = logits.topk(max(TOPK), dim=-1).indices
-            match = top == y.unsqueeze(-1)
-            for k in TOPK:
-                hits[k] += int(match[..., :k].any(-1).sum())
-            n += y.numel()
-            bar.update(task, advance=y.numel())
+        for tokens in files:
+            state = model.initial_state(1, device=device) if streamed else None
+            for inputs, targets in token_chunks(tokens, length, streamed=streamed):
+                x = torch.from_numpy(inputs).to(device)
+                y = torch.from_numpy(targets).to(device)
+                if streamed:
+                    logits, state = model.forward_with_state(x, state)
+                else:
+                    logits = model(x)
+                logits = logits.float()
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                       reduction="sum").item()
+                top = logits.topk(max(TOPK), dim=-1).indices
+                match = top == y.unsqueeze(-1)
+                for k in TOPK:
+                    hits[k] += int(match[..., :k].any(-1).sum())
+                n += y.numel()
+                bar.update(task, advance=y.numel())
     model.train(was_training)
     if n == 0:
         raise UserError(f"{label}: nothing to evaluate")
@@ -59,17 +70,17 @@ def score_chunks(model: torch.nn.Module, chunks: Iterable[tuple[np.ndarray, np.n
 
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_len: int, *,
                    device: torch.device | str = "cpu", max_samples: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, streamed: bool = False) -> dict[str, Any]:
     """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or its first
-    `max_samples` positions)."""
+    `max_samples` positions), chunked or `streamed` (`score_files`)."""
     total = dataset.split_samples(split)
     if total == 0:
         raise UserError(f"{dataset.root}: the {split} split is empty")
     if max_samples is not None:
         total = min(total, max_samples)
-    return score_chunks(model, dataset.eval_chunks(split, chunk_len, max_samples), total=total,
-                        label=f"eval {split}", rate=dataset.rate, device=device,
-                        progress=progress)
+    return score_files(model, dataset.file_tokens(split, max_samples), chunk_len, total=total,
+                       label=f"eval {split}{' streamed' if streamed else ''}", rate=dataset.rate,
+                       streamed=streamed, device=device, progress=progress)
 
 
 def _run_folder(checkpoint_path: str | Path) -> Path | None:
@@ -94,10 +105,13 @@ def classical_for(dataset: Dataset, split: str, checkpoint_path: str | Path, *,
 
 def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | None = None,
              chunk_len: int | None = None, device: str = "auto", max_samples: int | None = None,
-             progress: bool = True, classical: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`).
-    `classical`: also score the same positions with the classical LPC coder fitted on the
-    dataset's train split (result['classical'])."""
+             progress: bool = True, classical: bool = True,
+             streamed: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`), in
+    chunks of `chunk_len` (default: the training chunk). `streamed`: also score with the state
+    carried through each file (result['streamed'], `score_files`). `classical`: also score the
+    same positions with the classical LPC coder fitted on the dataset's train split
+    (result['classical'])."""
     from ssmgen.checkpoint import load_model
 
     if split not in SPLITS:
@@ -125,20 +139,34 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
                             progress=progress)
     result.update({"split": split, "checkpoint": ckpt["path"], "dataset": str(data_dir),
                    "step": int(ckpt.get("step", 0)), "chunk_len": length})
+    if streamed:
+        result["streamed"] = evaluate_model(model, dataset, split, length, device=dev,
+                                            max_samples=max_samples, progress=progress,
+                                            streamed=True)
     if classical:
         result["classical"] = classical_for(dataset, split, ckpt["path"],
                                             max_samples=max_samples)
     return result
 
 
+def _weighted(results: list[dict]) -> dict[str, Any]:
+    """Figures over several files, sample-weighted, as one split of them would give."""
+    n = sum(r["samples"] for r in results)
+    out: dict[str, Any] = {"samples": n}
+    for key in ["bpb"] + [f"acc{k}" for k in TOPK]:
+        out[key] = sum(r[key] * r["samples"] for r in results) / n
+    return out
+
+
 def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len: int | None = None,
-                   device: str = "auto", progress: bool = True,
-                   classical: bool = True) -> dict[str, Any]:
+                   device: str = "auto", progress: bool = True, classical: bool = True,
+                   streamed: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on audio files (any format, rate and channels), each read exactly as
     training files were (`audio.read_song_tokens`) and scored as an eval split is, in chunks of
     `chunk_len` (default: the training chunk). Returns the overall figures and one entry per file
-    under 'files'. `classical`: when the checkpoint's dataset is here, the classical LPC coder
-    fitted on its train split scores the same files (result['classical'])."""
+    under 'files'. `streamed`: also with the state carried through each file (overall and per
+    file under 'streamed'). `classical`: when the checkpoint's dataset is here, the classical LPC
+    coder fitted on its train split scores the same files (result['classical'])."""
     from ssmgen.audio import probe, read_song_tokens
     from ssmgen.checkpoint import load_model
 
@@ -156,14 +184,17 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
     songs = [(str(f), read_song_tokens(f, fmt)) for f in files]
     per_file = []
     for name, tokens in songs:
-        r = score_chunks(model, token_chunks(tokens, length), total=len(tokens),
-                         label=f"eval {Path(name).name}", rate=int(fmt["rate"]), device=dev,
-                         progress=progress)
-        per_file.append({"file": name, **r})
-    n = sum(r["samples"] for r in per_file)
-    result: dict[str, Any] = {"split": "files", "samples": n}
-    for key in ["bpb"] + [f"acc{k}" for k in TOPK]:  # sample-weighted, as one split would be
-        result[key] = sum(r[key] * r["samples"] for r in per_file) / n
+        def score(carry: bool) -> dict[str, Any]:
+            return score_files(model, [tokens], length, total=len(tokens), rate=rate,
+                               label=f"eval {Path(name).name}{' streamed' if carry else ''}",
+                               streamed=carry, device=dev, progress=progress)
+        r = {"file": name, **score(False)}
+        if streamed:
+            r["streamed"] = score(True)
+        per_file.append(r)
+    result: dict[str, Any] = {"split": "files", **_weighted(per_file)}
+    if streamed:
+        result["streamed"] = _weighted([r["streamed"] for r in per_file])
     result.update({"checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
                    "chunk_len": length, "files": per_file})
     data_dir = Path(ckpt.get("dataset") or "")
