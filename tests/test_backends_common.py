@@ -159,10 +159,10 @@ def test_kernel_cache_drops_entries_of_old_parameters():
     with torch.no_grad():
         for L in (16, 24, 40):
             layer(torch.randn(1, L, H))
-        assert len(layer._step_caches) == 3  # one kernel per length while the weights stand
+        assert len(layer._step_caches.slots) == 3  # one kernel per length while the weights stand
         layer.log_dt.add_(0.1)
         layer(torch.randn(1, 8, H))
-    assert list(layer._step_caches) == ["kernel:8"]  # the three old kernels are gone
+    assert list(layer._step_caches.slots) == ["kernel:8"]  # the three old kernels are gone
 
 
 # --- the fast-step contract (what the cpu-fast engine packs) --------------------------------------

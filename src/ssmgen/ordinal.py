@@ -4,13 +4,13 @@ a code's position, so that code 130 and 131 start close and share what they lear
 
 Both fold into a plain table and a plain (weight, bias), which every engine uses as it uses the
 paper's. In training the fold is part of the graph (its gradient reaches the maps); in inference
-(no grad) it is computed once and kept until a parameter it reads changes, so a step pays a
-lookup, not two (256 x 18 x d) products.
+(no grad) it is computed once and kept until a parameter it reads changes (`param_cache`), so a
+step pays a lookup, not two (256 x 18 x d) products.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmgen.audio import mulaw_decode
+from ssmgen.param_cache import DerivedCache
 
 #: Frequencies of the ordinal input features: sin and cos of pi k y for k = 1 .. ORDINAL_WAVES.
 ORDINAL_WAVES = 8
@@ -36,30 +37,13 @@ def ordinal_features(n_tokens: int) -> Tensor:
     return torch.from_numpy(feats.astype(np.float32))
 
 
-class FoldCache:
-    """The last fold computed without grad, with the identity of what it read: each tensor's
-    storage, dtype and version counter (which every in-place change bumps: an optimizer step,
-    `load_state_dict`, an EMA swap). A different key recomputes; so does anything that records a
-    graph (grad on, a trace, a compile), which must see the products, not a constant. Moving or
-    casting the module (`_apply`) clears it: new storage may reuse an old address."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value = None
-
-    def get(self, compute: Callable[[], object], *reads: Tensor):
-        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return compute()
-        try:
-            key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in reads)
-        except RuntimeError:  # inference-mode tensors keep no version counter
-            return compute()
-        if key != self.key:
-            self.value, self.key = compute(), key
-        return self.value
-
-    def clear(self) -> None:
-        self.key = self.value = None
+def _fold(cache: DerivedCache, compute: Callable[[], Any], *reads: Tensor) -> Any:
+    """`compute()`, kept in `cache` for inference until a tensor it reads changes
+    (`param_cache`); computed afresh wherever a graph is recorded (autograd, a trace, a
+    compile), which must see the products, not a constant."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return compute()
+    return cache.get("fold", compute, reads)
 
 
 class TokenEmbedding(nn.Embedding):
@@ -70,7 +54,7 @@ class TokenEmbedding(nn.Embedding):
     def __init__(self, n_tokens: int, d: int, ordinal: bool = False) -> None:
         super().__init__(n_tokens, d)
         self.ordinal = None
-        self._fold = FoldCache()
+        self._folds = DerivedCache()
         if ordinal:
             self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
             self.ordinal = nn.Linear(self.features.shape[1], d, bias=False)
@@ -79,16 +63,12 @@ class TokenEmbedding(nn.Embedding):
         """Parameters of the ordinal map (0 without one): they fold into `table()`."""
         return self.ordinal.weight.numel() if self.ordinal is not None else 0
 
-    def _apply(self, fn, *args, **kwargs):
-        self._fold.clear()
-        return super()._apply(fn, *args, **kwargs)
-
     def table(self) -> Tensor:
         """The (n_tokens, d) table the model looks tokens up in."""
         if self.ordinal is None:
             return self.weight
-        return self._fold.get(lambda: self.weight + self.ordinal(self.features),
-                              self.weight, self.ordinal.weight, self.features)
+        return _fold(self._folds, lambda: self.weight + self.ordinal(self.features),
+                     self.weight, self.ordinal.weight, self.features)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.table())
@@ -103,7 +83,7 @@ class TokenHead(nn.Linear):
     def __init__(self, d: int, n_tokens: int, ordinal: bool = False) -> None:
         super().__init__(d, n_tokens)
         self.ordinal = None
-        self._fold = FoldCache()
+        self._folds = DerivedCache()
         if ordinal:
             self.register_buffer("features", ordinal_features(n_tokens), persistent=False)
             self.ordinal = nn.Parameter(torch.zeros(self.features.shape[1], d + 1))
@@ -111,10 +91,6 @@ class TokenHead(nn.Linear):
     def map_size(self) -> int:
         """Parameters of the ordinal map (0 without one): they fold into `folded()`."""
         return self.ordinal.numel() if self.ordinal is not None else 0
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fold.clear()
-        return super()._apply(fn, *args, **kwargs)
 
     def _fold_now(self) -> tuple[Tensor, Tensor]:
         part = self.features @ self.ordinal
@@ -124,7 +100,8 @@ class TokenHead(nn.Linear):
         """The (weight, bias) of the plain linear layer this head computes."""
         if self.ordinal is None:
             return self.weight, self.bias
-        return self._fold.get(self._fold_now, self.weight, self.bias, self.ordinal, self.features)
+        return _fold(self._folds, self._fold_now, self.weight, self.bias, self.ordinal,
+                     self.features)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, *self.folded())

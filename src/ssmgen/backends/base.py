@@ -42,6 +42,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ssmgen.param_cache import DerivedCache
+
 State = tuple[Tensor, ...]
 
 
@@ -201,7 +203,7 @@ class SequenceBackend(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.d_model = d_model
-        self._step_caches: dict[str, tuple[tuple, Any]] = {}
+        self._step_caches = DerivedCache()
 
     # --- the three modes ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
@@ -253,22 +255,15 @@ class SequenceBackend(nn.Module):
         Everything `step` derives from the parameters should come through here: ONNX export
         freezes what `step` asked for, slot by slot, into constants of the traced graph.
 
-        The key is each parameter's storage and version counter: in-place updates (optimizer
-        steps, `load_state_dict`) bump the version, `.to(device)` changes the storage. Under
-        autograd nothing is cached, so gradients flow through the preparation.
+        The key is each parameter's storage and version counter (`param_cache`): in-place
+        updates (optimizer steps, `load_state_dict`) bump the version, `.to(device)` changes the
+        storage. Under autograd nothing is cached, so gradients flow through the preparation.
         """
         prepare = prepare or self.prepare_step
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return prepare()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        hit = self._step_caches.get(slot)
-        if hit is None or hit[0] != key:
-            # Entries of other slots made from older parameters can never hit again: drop them,
-            # so that kernels cached for lengths no longer in use do not pile up during training.
-            self._step_caches = {s: v for s, v in self._step_caches.items() if v[0] == key}
-            hit = self._step_caches[slot] = (key, prepare())
-        return hit[1]
+        return self._step_caches.get(slot, prepare, params)
 
     def cached_kernel(self, L: int) -> Tensor:
         """`self.kernel(L)` of a convolution backend, kept (per length) while the parameters are
