@@ -23,10 +23,10 @@ def test_shipped_presets():
     assert replace(cpu.model, seq_len=None, ordinal_input=False, ordinal_output=False) == \
         replace(paper.model, seq_len=None)
     # The model records the length it is trained at (S4's C~ is parameterized for it).
-    assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 2048)
+    assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 4096)
     assert load_config("tiny", overrides=["train.sample_len=256"]).model.seq_len == 256
     assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == \
-        (8, 2048, 2e-3, 100)
+        (4, 4096, 2e-3, 100)
 
 
 def test_the_recipe_follows_the_device_unless_named(monkeypatch):
