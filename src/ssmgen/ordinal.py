@@ -10,8 +10,6 @@ step pays a lookup, not two (256 x 18 x d) products.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,15 +35,6 @@ def ordinal_features(n_tokens: int) -> Tensor:
     return torch.from_numpy(feats.astype(np.float32))
 
 
-def _fold(cache: DerivedCache, compute: Callable[[], Any], *reads: Tensor) -> Any:
-    """`compute()`, kept in `cache` for inference until a tensor it reads changes
-    (`param_cache`); computed afresh wherever a graph is recorded (autograd, a trace, a
-    compile), which must see the products, not a constant."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return compute()
-    return cache.get("fold", compute, reads)
-
-
 class TokenEmbedding(nn.Embedding):
     """The input table. With `ordinal`, a token's vector is its own row plus a learned linear map
     of `ordinal_features` (code 130 and 131 then start close and share what they learn); the sum
@@ -67,8 +56,8 @@ class TokenEmbedding(nn.Embedding):
         """The (n_tokens, d) table the model looks tokens up in."""
         if self.ordinal is None:
             return self.weight
-        return _fold(self._folds, lambda: self.weight + self.ordinal(self.features),
-                     self.weight, self.ordinal.weight, self.features)
+        return self._folds.get("fold", lambda: self.weight + self.ordinal(self.features),
+                               (self.weight, self.ordinal.weight, self.features))
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.table())
@@ -100,8 +89,8 @@ class TokenHead(nn.Linear):
         """The (weight, bias) of the plain linear layer this head computes."""
         if self.ordinal is None:
             return self.weight, self.bias
-        return _fold(self._folds, self._fold_now, self.weight, self.bias, self.ordinal,
-                     self.features)
+        return self._folds.get("fold", self._fold_now,
+                               (self.weight, self.bias, self.ordinal, self.features))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, *self.folded())

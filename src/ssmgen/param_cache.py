@@ -4,13 +4,15 @@ preparation and kernels (`SequenceBackend.step_cache`), the folded ordinal table
 
 A value is keyed on each tensor it was made from: storage, version counter, dtype and device.
 In-place updates (optimizer steps, `load_state_dict`, the weight average's swap) bump the
-version; `.to()` changes the storage or the dtype. Callers do not cache while autograd records
-(gradients must flow through the derivation)."""
+version; `.to()` changes the storage or the dtype. Nothing is cached while a graph is recorded:
+under autograd (gradients must flow through the derivation) or a trace (which must see the
+products, not a constant)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor
 
 
@@ -27,7 +29,12 @@ class DerivedCache:
         self.slots: dict[str, tuple[tuple, Any]] = {}
 
     def get(self, slot: str, prepare: Callable[[], Any], tensors: Iterable[Tensor]) -> Any:
-        """The value in `slot`, recomputed by `prepare()` when `tensors` changed since."""
+        """The value in `slot`, recomputed by `prepare()` when `tensors` changed since (and on
+        every call while a graph is recorded)."""
+        tensors = list(tensors)
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and
+                                      any(t.requires_grad for t in tensors)):
+            return prepare()
         key = tensors_key(tensors)
         hit = self.slots.get(slot)
         if hit is None or hit[0] != key:

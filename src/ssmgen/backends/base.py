@@ -259,11 +259,7 @@ class SequenceBackend(nn.Module):
         updates (optimizer steps, `load_state_dict`) bump the version, `.to(device)` changes the
         storage. Under autograd nothing is cached, so gradients flow through the preparation.
         """
-        prepare = prepare or self.prepare_step
-        params = list(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return prepare()
-        return self._step_caches.get(slot, prepare, params)
+        return self._step_caches.get(slot, prepare or self.prepare_step, self.parameters())
 
     def cached_kernel(self, L: int) -> Tensor:
         """`self.kernel(L)` of a convolution backend, kept (per length) while the parameters are
