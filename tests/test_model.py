@@ -168,3 +168,19 @@ def test_other_pools_parallel_step_and_prompt_read_agree(pool):
             assert (torch.cat([head, tail], 1) - stepped).abs().max().item() <= 1e-4
             for k in ref_state.tensors:
                 assert (state.tensors[k] - ref_state.tensors[k]).abs().max().item() <= 1e-4, k
+
+
+def test_restart_rows_resets_only_those_rows_and_cuts_the_graph():
+    model = tiny("s4d").train()
+    tokens = torch.randint(0, 256, (3, 48))
+    _, state = model(tokens, model.initial_state(3))  # forward with a state: (logits, state)
+    assert any(v.requires_grad for v in state.tensors.values())
+    rows = torch.tensor([False, True, False])
+    got = model.restart_rows(state, rows)
+    first = model.initial_state(3)
+    assert got.t == state.t and got.names() == state.names()
+    for n, v in got.tensors.items():
+        assert not v.requires_grad
+        assert torch.equal(v[1], first.tensors[n][1]), n
+        assert torch.equal(v[[0, 2]], state.tensors[n][[0, 2]].detach()), n
+    assert any(state.tensors[n][1].abs().sum() > 0 for n in state.names())

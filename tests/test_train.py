@@ -101,6 +101,29 @@ def test_weight_average_validates_and_resumes_with_the_run(data, tmp_path):
             assert torch.equal(v, shadow[k]), k
 
 
+def test_carried_states_resume_exactly(data, tmp_path):
+    """train.carry_crops: last.pt holds the crop cursors and every row's state, so a resumed run
+    goes on reading the same files from the same states."""
+    args = [*FAST, "--set", "train.val_every=3", "--set", "train.carry_crops=4", "--seed", 2]
+    whole, split, plain = tmp_path / "whole", tmp_path / "split", tmp_path / "plain"
+    assert ssmgen("train", data, *args, "--max-steps", 7, "--out", whole).returncode == 0
+    assert ssmgen("train", data, *args, "--max-steps", 4, "--out", split).returncode == 0
+    r = ssmgen("train", data, "--resume", "--out", split, "--max-steps", 7, "--quiet")
+    assert r.returncode == 0, r.stderr
+    a, b = weights(whole), weights(split)
+    assert a["carry"]["cursors"] == b["carry"]["cursors"] and b["step"] == 7
+    assert a["carry"]["state"].keys() == b["carry"]["state"].keys()
+    for k, v in a["carry"]["state"].items():
+        assert v.shape[0] == 2 and torch.equal(v, b["carry"]["state"][k]), k
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the carried states change what is learned (the same seed without them differs)
+    r = ssmgen("train", data, *FAST, "--set", "train.val_every=3", "--seed", 2, "--max-steps", 7,
+               "--out", plain)
+    assert r.returncode == 0 and "carry" not in weights(plain)
+    assert any(not torch.equal(v, weights(plain)["model"][k]) for k, v in a["model"].items())
+
+
 def test_ctrl_c_saves_and_exits_130(data, tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "ssmgen", "train", str(data), *FAST,
@@ -149,9 +172,12 @@ def test_preflight_errors_are_one_line(data, tmp_path, args, message):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_two_gloo_processes_match_one_process(data, tmp_path):
+@pytest.mark.parametrize("carry", [1, 2])
+def test_two_gloo_processes_match_one_process(data, tmp_path, carry):
+    """Also with carried states (each rank carries its own rows; last.pt gathers them all)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [*FAST, "--batch-size", "4", "--max-steps", "3", "--set", "train.val_every=3"]
+    args = [*FAST, "--batch-size", "4", "--max-steps", "3", "--set", "train.val_every=2",
+            "--set", f"train.carry_crops={carry}"]
     one = ssmgen("train", data, *args, "--out", tmp_path / "one", env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -162,6 +188,11 @@ def test_two_gloo_processes_match_one_process(data, tmp_path):
     assert a["step"] == b["step"] == 3
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4)
+    if carry > 1:
+        assert a["carry"]["cursors"] == b["carry"]["cursors"]
+        for k, v in a["carry"]["state"].items():
+            assert v.shape[0] == 4
+            torch.testing.assert_close(v, b["carry"]["state"][k], atol=2e-5, rtol=1e-4)
 
 
 def _chromium():

@@ -81,6 +81,10 @@ class TrainConfig:
     #: decay of a running average of the weights used for validation and the best checkpoint
     #: (`ema.py`); 0: off
     ema: float = 0.0
+    #: consecutive crops of one file that each batch row reads, its state carried from one crop
+    #: to the next (truncated backpropagation through time, `data.CropStreams`); 1: every crop
+    #: from a fresh state (the paper's)
+    carry_crops: int = 1
     max_steps: Optional[int] = None
     max_minutes: Optional[float] = None
     val_every: int = 500
@@ -143,6 +147,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.min_lr": (0, 1, False, False),
     "train.grad_clip": (0, 1e6, False, False),
     "train.ema": (0, 0.99999, False, False),
+    "train.carry_crops": (1, 1 << 20, False, True),
     "train.max_steps": (1, 1 << 62, False, True),
     "train.max_minutes": (0, 1e7, True, False),
     "train.val_every": (1, 1e9, False, True),

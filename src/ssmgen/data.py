@@ -1,5 +1,5 @@
-"""Reading a prepared dataset: the manifest, memory-mapped token splits, random training crops and
-full-length evaluation chunks.
+"""Reading a prepared dataset: the manifest, memory-mapped token splits, random training crops,
+streams of consecutive crops (`CropStreams`) and evaluation chunks.
 
 Alignment, shared by training and evaluation: a chunk's inputs are its tokens shifted right by one,
 with the silence token 128 as the first input; targets are the tokens themselves. Crops never span
@@ -115,21 +115,12 @@ class Dataset:
                             f"({sample_len} samples = {sample_len / self.rate:.2f} s; longest "
                             f"{longest / self.rate:.2f} s): lower --sample-len")
 
-    def random_crops(self, batch: int, length: int, rng: np.random.Generator,
-                     split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each int64 (batch, length): crops drawn uniformly over all positions
-        where a whole crop fits inside one file."""
+    def crop_segments(self, length: int, split: str = "train") -> list[Segment]:
+        """The split's files that hold a whole crop of `length`."""
         segs = [s for s in self.segments(split) if s.length >= length]
         if not segs:
             raise UserError(f"{self.root}: no {split} file holds {length} samples")
-        starts = np.array([s.length - length + 1 for s in segs], dtype=np.float64)
-        which = rng.choice(len(segs), size=batch, p=starts / starts.sum())
-        tokens = self.tokens(split)
-        targets = np.empty((batch, length), dtype=np.int64)
-        for b, i in enumerate(which):
-            off = segs[i].offset + int(rng.integers(0, segs[i].length - length + 1))
-            targets[b] = tokens[off:off + length]
-        return shift_inputs(targets), targets
+        return segs
 
     # --- evaluation -------------------------------------------------------------------------------
     def file_tokens(self, split: str, max_samples: int | None = None) -> Iterator[np.ndarray]:
@@ -148,6 +139,76 @@ class Dataset:
 
     def split_samples(self, split: str) -> int:
         return sum(s.length for s in self.segments(split))
+
+
+def _draw_crops(segs: list[Segment], n: int, length: int,
+                rng: np.random.Generator) -> list[tuple[int, int]]:
+    """`n` (segment index, offset) pairs, uniform over every position where a whole crop of
+    `length` fits inside one file."""
+    starts = np.array([s.length - length + 1 for s in segs], dtype=np.float64)
+    which = rng.choice(len(segs), size=n, p=starts / starts.sum())
+    return [(int(i), segs[i].offset + int(rng.integers(0, segs[i].length - length + 1)))
+            for i in which]
+
+
+class CropStreams:
+    """Training crops that follow each batch row through one file: row b reads up to `crops`
+    consecutive crops of a file (an episode), the model's state carried from each to the next
+    (truncated backpropagation through time), then starts afresh at a new random position. A
+    file's end also ends an episode. The first episodes are staggered, (b + 1) * crops // batch
+    crops long, so rows do not all restart at the same step. With crops = 1 every crop is a fresh
+    draw, uniform over every position where a whole crop fits inside one file (the paper's way).
+
+    The cursors are plain data (`state_dict`), so a checkpoint resumes the streams exactly; the
+    draws of step k come from the generator the caller seeds for step k."""
+
+    def __init__(self, batch: int, crops: int) -> None:
+        self.crops = crops
+        self.segment = [-1] * batch  # -1: no episode yet
+        self.offset = [0] * batch  # where the row's next crop starts (in the split array)
+        self.left = [max(1, (b + 1) * crops // batch) for b in range(batch)]
+
+    def next(self, dataset: Dataset, length: int, rng: np.random.Generator,
+             split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs, targets, fresh): int64 (batch, length) crops, and a bool (batch,) mask of the
+        rows whose episode starts here (their state starts from zero and their first input is
+        silence; a carried row's first input is the sample before its crop)."""
+        segs = dataset.crop_segments(length, split)
+        tokens = dataset.tokens(split)
+        batch = len(self.segment)
+        fresh = np.array([not self._continues(b, segs, length) for b in range(batch)])
+        drawn = iter(_draw_crops(segs, int(fresh.sum()), length, rng))
+        targets = np.empty((batch, length), dtype=np.int64)
+        inputs = np.empty_like(targets)
+        for b in range(batch):
+            if fresh[b]:
+                if self.segment[b] >= 0 or self.left[b] <= 0:  # not a row's staggered first
+                    self.left[b] = self.crops
+                self.segment[b], self.offset[b] = next(drawn)
+            off = self.offset[b]
+            targets[b] = tokens[off:off + length]
+            inputs[b, 1:] = targets[b, :-1]
+            inputs[b, 0] = SILENCE_TOKEN if fresh[b] else tokens[off - 1]
+            self.offset[b] += length
+            self.left[b] -= 1
+        return inputs, targets, fresh
+
+    def _continues(self, b: int, segs: list[Segment], length: int) -> bool:
+        i = self.segment[b]
+        return (self.left[b] > 0 and 0 <= i < len(segs) and self.offset[b] > segs[i].offset
+                and self.offset[b] + length <= segs[i].offset + segs[i].length)
+
+    def state_dict(self) -> dict:
+        return {"crops": self.crops, "segment": list(self.segment), "offset": list(self.offset),
+                "left": list(self.left)}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Cursors saved by `state_dict` for the same batch (a changed dataset only makes rows
+        start afresh: `next` checks every cursor against the files)."""
+        if len(d["segment"]) != len(self.segment):
+            raise ValueError(f"cursors for {len(d['segment'])} rows, not {len(self.segment)}")
+        self.segment, self.offset, self.left = ([int(v) for v in d[k]]
+                                                for k in ("segment", "offset", "left"))
 
 
 def _check_manifest(m: dict, path: Path) -> None:

@@ -300,7 +300,12 @@ class SaShiMi(nn.Module):
         return self.center if level == len(self.cfg.pool) else self.tiers[level]
 
     # --- parallel ---------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, state: ModelState | None = None):
+        """Logits (B, L, 256) for `tokens` from a fresh state; given a `state`, (logits, the state
+        after them) as `forward_with_state` gives (training with carried states calls the model
+        this way, so that DistributedDataParallel sees the call)."""
+        if state is not None:
+            return self.forward_with_state(tokens, state)
         logits, _ = self._parallel(tokens, None)
         return logits
 
@@ -409,6 +414,14 @@ class SaShiMi(nn.Module):
         if self.prior is not None:
             t.update(self.prior.initial_state(batch_size, device, dtype))
         return ModelState(0, self._ordered(t))
+
+    def restart_rows(self, state: ModelState, rows: Tensor) -> ModelState:
+        """`state` with the rows of the bool mask `rows` (B,) back at the initial state, detached
+        from the graph that made it (where truncated backpropagation cuts)."""
+        first = self.initial_state(len(rows), rows.device).tensors
+        return ModelState(state.t, {
+            n: torch.where(rows.reshape(-1, *[1] * (v.dim() - 1)), first[n].to(v.dtype),
+                           v.detach()) for n, v in state.tensors.items()})
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """One sample: token (B,) -> logits (B, 256) and the next state, on the schedule of

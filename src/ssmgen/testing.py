@@ -6,9 +6,10 @@ third-party plug-in (backends/ssmgen-lru) run the same checks.
 
 `check_backend` asserts, in float64: the three modes agree (parallel == stepping; a chunk read
 from a state == the same chunk inside the whole sequence; `final_state` == `forward_with_state`'s
-state), outputs are causal, the state is real tensors named by `state_names()`, and the step cache
-is never stale after an in-place parameter change. Backend-specific references (a naive
-recurrence, gradchecks) stay with each backend's own tests.
+state), a chunk read from a state has stepping's gradients (what training with carried states
+backpropagates through), outputs are causal, the state is real tensors named by `state_names()`,
+and the step cache is never stale after an in-place parameter change. Backend-specific references
+(a naive recurrence, gradchecks) stay with each backend's own tests.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int 
             _states_close(layer.final_state(x[:, split:], start), want,
                           f"final_state from a {label} state against forward_with_state's",
                           atol, rtol)
+    _check_gradients(layer, x[:, split:], tuple(v.detach() for v in s1), atol, rtol)
+    with torch.no_grad():
         x2 = x.clone()
         x2[:, split:] += 1.0
         _close(layer(x2)[:, :split], y[:, :split], "causality (outputs before a change of input)",
@@ -102,3 +105,27 @@ def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int 
         fresh.load_state_dict(layer.state_dict())
         _close(after, fresh.step(x[:, 0], fresh.initial_state(batch, dtype=torch.float64))[0],
                "a step after an in-place parameter change (stale step cache?)", atol, rtol)
+
+
+def _check_gradients(layer: SequenceBackend, x: torch.Tensor, start: State, atol: float,
+                     rtol: float) -> None:
+    """A chunk read from a non-zero state (how training with carried states runs it) must give
+    stepping's gradients, for every parameter and the input."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    ws = [torch.randn(s.shape, generator=g, dtype=s.dtype) for s in start]
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def grads(run) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        y, s = run(xi)
+        loss = (y * w).sum() + sum((a * b).sum() for a, b in zip(s, ws))
+        got = torch.autograd.grad(loss, [xi, *params], allow_unused=True)
+        return [torch.zeros_like(v) if d is None else d for d, v in zip(got, [xi, *params])]
+
+    read = grads(lambda xi: layer.forward_with_state(xi, start))
+    stepped = grads(lambda xi: step_through(layer, xi, start))
+    names = ["the input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, read, stepped):
+        _close(a, b, f"gradient of {name} through a chunk read from a state against stepping",
+               atol, rtol)

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from ssmgen.atomic import remove_stale_temps, write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ssmgen.config import AUTO_BATCH_MAX, RECIPE_MODEL_FIELDS, Config, ModelConfig
-from ssmgen.data import Dataset
+from ssmgen.data import CropStreams, Dataset
 from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
-from ssmgen.model import SaShiMi, activation_bytes, count_parameters, new_model
+from ssmgen.model import ModelState, SaShiMi, activation_bytes, count_parameters, new_model
 from ssmgen.progress import progress_bar
 from ssmgen.runtime import available_memory, check_memory, resolve_device
 from ssmgen.workspace import is_run, mark_run, new_run
@@ -303,6 +303,12 @@ class Trainer:
             self.schedule.load_state_dict(self.state["schedule"])
             self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
             self.best = float(self.state["best_bpb"])
+        # Which crops each row reads, and (with train.carry_crops > 1) this rank's rows' carried
+        # states: both resume from the checkpoint, so a resumed run replays the same steps.
+        self.streams = CropStreams(cfg.train.batch_size, cfg.train.carry_crops)
+        self.carried: ModelState | None = None
+        if self.state is not None and "carry" in self.state:
+            self._load_carry(self.state["carry"])
         # the average starts from the weights training starts from (init, or the resumed ones)
         self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         if self.ema is not None and self.state is not None and "ema" in self.state:
@@ -331,8 +337,54 @@ class Trainer:
             remove_stale_temps(folder)  # what a killed run left half-written
         return created
 
+    # --- carried states -------------------------------------------------------------------------
+    def _rows(self) -> slice:
+        per_rank = self.cfg.train.batch_size // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def _carry_payload(self) -> dict | None:
+        """The crop cursors and the whole batch's carried states (gathered from every rank: call
+        it on all of them), for last.pt; None when states are not carried."""
+        if self.cfg.train.carry_crops == 1 or self.carried is None:
+            return None
+        tensors = {}
+        for name, v in self.carried.tensors.items():
+            v = v.detach().contiguous()
+            if self.world > 1:
+                import torch.distributed as dist
+                parts = [torch.empty_like(v) for _ in range(self.world)]
+                dist.all_gather(parts, v)
+                v = torch.cat(parts)
+            tensors[name] = v.cpu()
+        return {"cursors": self.streams.state_dict(), "t": self.carried.t, "state": tensors}
+
+    def _load_carry(self, carry: dict) -> None:
+        where = self.run_dir / "checkpoints" / "last.pt"
+        try:
+            self.streams.load_state_dict(carry["cursors"])
+            names = self.model.state_names()
+            if list(carry["state"]) != names:
+                raise ValueError("its states are not this model's")
+            self.carried = ModelState(int(carry["t"]), {
+                n: carry["state"][n][self._rows()].to(self.device) for n in names})
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: cannot resume its carried states ({e})") from None
+
+    def _next_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, ModelState | None]:
+        """This rank's inputs and targets of the step seeded `seed`, and with carried states the
+        state its rows start from (a row whose episode starts here: the initial state)."""
+        inputs, targets, fresh = self.streams.next(self.dataset, self.cfg.train.sample_len,
+                                                   np.random.default_rng(seed))
+        rows = self._rows()
+        x = torch.from_numpy(inputs[rows]).to(self.device)
+        y = torch.from_numpy(targets[rows]).to(self.device)
+        if self.cfg.train.carry_crops == 1:
+            return x, y, None
+        state = self.carried or self.model.initial_state(len(x), self.device)
+        return x, y, self.model.restart_rows(state, torch.from_numpy(fresh[rows]).to(self.device))
+
     # --- checkpoints and validation -------------------------------------------------------------
-    def checkpoint(self, tag: str, val: dict | None) -> None:
+    def checkpoint(self, tag: str, val: dict | None, carry: dict | None = None) -> None:
         payload = {"config": self.cfg.to_dict(), "data_format": self.dataset.data_format(),
                    "dataset": str(self.data.resolve()), "parameters": count_parameters(self.model),
                    "init": self.init["path"] if self.init else None,
@@ -341,6 +393,8 @@ class Trainer:
                    "seconds": self.elapsed, "best_bpb": self.best, "val": val or {}}
         if self.ema is not None:
             payload["ema"] = self.ema.state_dict()
+        if carry is not None:
+            payload["carry"] = carry
         save_checkpoint(self.run_dir / "checkpoints" / f"{tag}.pt", payload)
         self.saved = True
 
@@ -353,7 +407,7 @@ class Trainer:
         cfg, now = self.cfg, time.perf_counter()
         rate = self.n_log * cfg.train.batch_size * cfg.train.sample_len / max(now - self.t_log,
                                                                              1e-9)
-        val = None
+        val, carry = None, self._carry_payload()
         if self.is_main:
             with self._averaged():  # validation, best.pt, the listening sample: the average
                 val = _validate(self.model, self.dataset, cfg, self.device)
@@ -366,7 +420,7 @@ class Trainer:
                     self.checkpoint("best", val)
                 _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device,
                            self.classical)
-            self.checkpoint("last", val)  # the raw weights, for --resume
+            self.checkpoint("last", val, carry)  # the raw weights, for --resume
         if self.world > 1:
             _sync_schedule(self.schedule)
         self.t_log, self.n_log = time.perf_counter(), 0
@@ -375,7 +429,7 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg, world, rank = self.cfg, self.world, self.rank
+        cfg, world = self.cfg, self.world
         if world > 1:
             import torch.distributed as dist
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -396,7 +450,7 @@ class Trainer:
                       self.init["path"] if self.init else None)
             self.classical = _classical(self.run_dir, self.dataset, cfg)
         try:
-            return self._loop(world, rank)
+            return self._loop(world)
         except BaseException:
             if created and not self.saved:  # a failed start leaves no empty run behind
                 shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -406,7 +460,7 @@ class Trainer:
                 import torch.distributed as dist
                 dist.destroy_process_group()
 
-    def _loop(self, world: int, rank: int) -> dict[str, Any]:
+    def _loop(self, world: int) -> dict[str, Any]:
         cfg, model, device = self.cfg, self.model, self.device
         net = model
         if world > 1:
@@ -418,7 +472,6 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.csv", self.step)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if device.type == "cuda" and cfg.train.amp in ("auto", "bf16") else nullcontext())
-        per_rank = cfg.train.batch_size // world
         per_step = cfg.train.batch_size * cfg.train.sample_len
         stop = _StopFlag()
         validated_at, value, last_val = self.step, math.nan, math.nan
@@ -442,17 +495,17 @@ class Trainer:
                     reason = "interrupted" if stopping == 2 else "time limit"
                     break
                 seed = _step_seed(cfg.train.seed, self.step)
-                inputs, targets = self.dataset.random_crops(cfg.train.batch_size,
-                                                            cfg.train.sample_len,
-                                                            np.random.default_rng(seed))
-                sl = slice(rank * per_rank, (rank + 1) * per_rank)
-                x = torch.from_numpy(inputs[sl]).to(device)
-                y = torch.from_numpy(targets[sl]).to(device)
+                x, y, state = self._next_batch(seed)
                 torch.manual_seed(seed)
                 for g in self.optimizer.param_groups:
                     g["lr"] = g["base_lr"] * self.schedule.multiplier(self.step)
                 with amp:
-                    logits = net(x)
+                    if state is None:
+                        logits = net(x)
+                    else:  # the state after this crop starts the row's next one
+                        logits, after = net(x, state)
+                        self.carried = ModelState(after.t, {n: v.detach()
+                                                            for n, v in after.tensors.items()})
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
@@ -478,8 +531,9 @@ class Trainer:
             if reason == "time limit" and self.step > validated_at:
                 self.validate_and_save(value)  # a timed run ends with a validated checkpoint too
                 validated_at = self.step
+        carry = self._carry_payload() if self.step > validated_at else None
         if self.is_main and self.step > validated_at:
-            self.checkpoint("last", None)  # interrupted between validations: keep every step
+            self.checkpoint("last", None, carry)  # interrupted between validations: keep every step
             if not (ckpt_dir / "best.pt").exists():
                 with self._averaged():
                     self.checkpoint("best", None)
@@ -496,10 +550,11 @@ def _announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
     """Say, before the first step, where the run goes, how it trains and how it will stop."""
     t = cfg.train
     warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
-    log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step, lr %g%s, "
+    carry = f", state carried over {t.carry_crops} crops" if t.carry_crops > 1 else ""
+    log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step%s, lr %g%s, "
              "schedule %s) on %s%s", "resuming" if resumed else "training into", run, cfg.preset,
-             cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, t.lr, warm, t.schedule,
-             device.type, f", starting from {init}" if init else "")
+             cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, carry, t.lr, warm,
+             t.schedule, device.type, f", starting from {init}" if init else "")
     if t.max_steps is None and t.max_minutes is None:
         log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
                  "saves a checkpoint first; validation every %d steps", t.val_every)
