@@ -45,7 +45,7 @@ def recipe(preset: str, backend: str, batch: int | None = None, length: int | No
 def one(preset: str, backend: str, batch: int | None, length: int | None, repeats: int,
         device: str, amp: str | None = None, max_seconds: float = 3.0) -> dict:
     from ssmgen.model import SaShiMi
-    from ssmgen.train import make_optimizer
+    from ssmgen.optim import make_optimizer
 
     cfg = recipe(preset, backend, batch, length, device)
     model = SaShiMi(cfg.model).to(device)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import BACKENDS, make_checkpoint, perturb, require_backend, write_tone
 from ssmgen.config import load_config
 from ssmgen.model import SaShiMi
-from ssmgen.train import make_optimizer
+from ssmgen.optim import make_optimizer
 
 pytestmark = pytest.mark.cuda
 

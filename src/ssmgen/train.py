@@ -1,20 +1,21 @@
-"""Training: the loop, optimizer groups, schedules, validation, checkpoints, exact resume, DDP.
+"""Training: the loop, validation, checkpoints, exact resume, carried states, DDP (the optimizer
+and schedule: `optim.py`; the run folder's other files: `run_folder.py`).
 
 Exact resume by construction: every step's randomness (which crops, dropout) is seeded from
-(seed, step), not carried from step to step, and the optimizer and schedule states are restored
-from the checkpoint. A run killed at any moment and resumed from its last checkpoint replays the
-same steps and ends at bitwise the same weights (on CPU).
+(seed, step), not carried from step to step; what does carry (the optimizer and schedule states,
+and with train.carry_crops the crop cursors and each row's model state) is restored from the
+checkpoint. A run killed at any moment and resumed from its last checkpoint replays the same
+steps and ends at bitwise the same weights (on CPU).
 
 Beyond one machine: `torchrun --nproc_per_node N -m ssmgen train ...` runs DistributedDataParallel
 (NCCL on GPU, gloo on CPU). Every rank draws the same global batch and takes its own slice, so N
-processes compute the same update as one process with the same global batch. Rank 0 writes.
+processes compute the same update as one process with the same global batch (each rank carries
+its own rows' states; last.pt gathers them). Rank 0 writes.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmgen.atomic import remove_stale_temps, write_failure, write_text
+from ssmgen.atomic import remove_stale_temps
 from ssmgen.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ssmgen.config import AUTO_BATCH_MAX, RECIPE_MODEL_FIELDS, Config, ModelConfig
 from ssmgen.data import CropStreams, Dataset
@@ -37,70 +38,24 @@ from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
 from ssmgen.model import ModelState, SaShiMi, activation_bytes, count_parameters, new_model
+from ssmgen.optim import Schedule, make_optimizer, sync_schedule
 from ssmgen.progress import progress_bar
+from ssmgen.run_folder import (
+    announce,
+    append_metrics,
+    check_run_folder,
+    classical_line_for,
+    truncate_metrics,
+    write_listening,
+)
 from ssmgen.runtime import available_memory, check_memory, resolve_device
 from ssmgen.workspace import is_run, mark_run, new_run
 
 log = logging.getLogger("ssmgen.train")
-METRICS = ["step", "seconds", "lr", "loss", "train_bpb", "samples_per_s", "val_bpb", "val_acc1",
-           "val_acc3", "val_acc5", "val_acc10"]
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Schedule: warm-up, then plateau (the paper's), cosine or constant. Plain-data state.
-# ------------------------------------------------------------------------------------------------
-
-class Schedule:
-    """Learning-rate multiplier per step, plus ReduceLROnPlateau-style drops on validation."""
-
-    def __init__(self, cfg: Config) -> None:
-        t = cfg.train
-        self.kind, self.warmup, self.min_lr, self.base_lr = (t.schedule, t.warmup_steps,
-                                                             t.min_lr, t.lr)
-        self.total = t.max_steps
-        self.factor, self.patience = t.plateau_factor, t.plateau_patience
-        self.scale, self.best, self.bad = 1.0, math.inf, 0
-
-    def multiplier(self, step: int) -> float:
-        m = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        if self.kind == "cosine" and self.total:
-            progress = min(1.0, max(0.0, (step - self.warmup) / max(1, self.total - self.warmup)))
-            floor = self.min_lr / self.base_lr
-            m *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return m * self.scale
-
-    def on_validation(self, metric: float) -> None:
-        if self.kind != "plateau":
-            return
-        if metric < self.best - 1e-4:
-            self.best, self.bad = metric, 0
-        else:
-            self.bad += 1
-            if self.bad > self.patience:
-                self.scale *= self.factor
-                self.bad = 0
-                log.info("validation bpb has not improved: learning rate x %s", self.factor)
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "best": self.best, "bad": self.bad}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.scale, self.best, self.bad = float(d["scale"]), float(d["best"]), int(d["bad"])
-
-
-def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with the SSM parameters in their own group (reference: lr 1e-3, no weight decay)."""
-    ssm = {id(p) for p in model.ssm_parameters()}
-    rest = [p for p in model.parameters() if id(p) not in ssm]
-    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
-               "base_lr": cfg.train.lr},
-              {"params": [p for p in model.parameters() if id(p) in ssm], "lr": cfg.train.ssm_lr,
-               "weight_decay": 0.0, "base_lr": cfg.train.ssm_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,35 +80,6 @@ def auto_batch(cfg: Config, parameters: int, device: torch.device, world: int) -
     fit = int((0.7 * have - 16 * parameters) // max(per_crop, 1))
     per_rank = max(1, min(fit, AUTO_BATCH_MAX // world))
     return per_rank * world
-
-
-# ------------------------------------------------------------------------------------------------
-# The run folder
-# ------------------------------------------------------------------------------------------------
-
-def check_run_folder(run: Path, resume: bool) -> None:
-    """A run folder must be ours: refuse (one line) a folder of the user's own files, an existing
-    run without --resume, or --resume where there is nothing to resume."""
-    last = run / "checkpoints" / "last.pt"
-    if run.exists() and not run.is_dir():
-        raise UserError(f"{run}: exists and is not a folder (choose another --out)")
-    if resume:
-        if not last.is_file():
-            raise UserError(f"{run}: nothing to resume (no checkpoints/last.pt)")
-        if not is_run(run):  # made before runs were marked: its checkpoint must be ours
-            load_checkpoint(last)
-        return
-    if not run.is_dir() or not any(run.iterdir()):
-        return
-    if last.is_file():
-        if not is_run(run):
-            load_checkpoint(last)  # one line if it is not ours
-        raise UserError(f"{run}: a run already lives here (use --resume to continue it, or "
-                        "another --out)")
-    if not is_run(run):
-        first = sorted(p.name for p in run.iterdir())[0]
-        raise UserError(f"{run}: holds files that are not a run of ssmgen (e.g. {first}); "
-                        "refusing to write into it: choose another --out")
 
 
 def resume_config(stored: Config, cfg: Config | None, source: str) -> Config:
@@ -414,15 +340,15 @@ class Trainer:
                 if val:
                     self.schedule.on_validation(val["bpb"])
                     self.best = min(self.best, val["bpb"])
-                _append_metrics(self.run_dir / "metrics.csv", self.step, self.elapsed,
-                                self.optimizer, loss_value, rate, val)
+                append_metrics(self.run_dir / "metrics.csv", self.step, self.elapsed,
+                               self.optimizer, loss_value, rate, val)
                 if val is None or val["bpb"] <= self.best:
                     self.checkpoint("best", val)
-                _listening(self.run_dir, self.model, self.dataset, cfg, self.step, self.device,
-                           self.classical)
+                write_listening(self.run_dir, self.model, self.dataset, cfg, self.step,
+                                self.device, self.classical)
             self.checkpoint("last", val, carry)  # the raw weights, for --resume
         if self.world > 1:
-            _sync_schedule(self.schedule)
+            sync_schedule(self.schedule)
         self.t_log, self.n_log = time.perf_counter(), 0
         self.model.train()
         return val
@@ -446,9 +372,9 @@ class Trainer:
         created, self.saved, self.classical = False, False, None
         if self.is_main:
             created = self._open_run()
-            _announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None,
-                      self.init["path"] if self.init else None)
-            self.classical = _classical(self.run_dir, self.dataset, cfg)
+            announce(self.run_dir, cfg, self.dataset, self.device, self.state is not None,
+                     self.init["path"] if self.init else None)
+            self.classical = classical_line_for(self.run_dir, self.dataset, cfg)
         try:
             return self._loop(world)
         except BaseException:
@@ -469,7 +395,7 @@ class Trainer:
                                           else None)
         ckpt_dir = self.run_dir / "checkpoints" if self.run_dir else Path("checkpoints")
         if self.is_main:
-            _truncate_metrics(self.run_dir / "metrics.csv", self.step)
+            truncate_metrics(self.run_dir / "metrics.csv", self.step)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if device.type == "cuda" and cfg.train.amp in ("auto", "bf16") else nullcontext())
         per_step = cfg.train.batch_size * cfg.train.sample_len
@@ -545,25 +471,6 @@ class Trainer:
                 "sample_len": cfg.train.sample_len}
 
 
-def _announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
-              resumed: bool, init: str | None = None) -> None:
-    """Say, before the first step, where the run goes, how it trains and how it will stop."""
-    t = cfg.train
-    warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
-    carry = f", state carried over {t.carry_crops} crops" if t.carry_crops > 1 else ""
-    log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step%s, lr %g%s, "
-             "schedule %s) on %s%s", "resuming" if resumed else "training into", run, cfg.preset,
-             cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, carry, t.lr, warm,
-             t.schedule, device.type, f", starting from {init}" if init else "")
-    if t.max_steps is None and t.max_minutes is None:
-        log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
-                 "saves a checkpoint first; validation every %d steps", t.val_every)
-    else:
-        parts = ([f"{t.max_steps} steps"] if t.max_steps is not None else []) + \
-            ([f"{t.max_minutes:g} min"] if t.max_minutes is not None else [])
-        log.info("stops after %s (Ctrl-C saves and stops earlier)", " or ".join(parts))
-
-
 def _validate(model: SaShiMi, dataset: Dataset, cfg: Config, device) -> dict | None:
     split = "val" if dataset.split_samples("val") else None
     if split is None:
@@ -582,14 +489,6 @@ def _agree(world: int, flag: int) -> int:
     return int(t.item())
 
 
-def _sync_schedule(schedule: Schedule) -> None:
-    """Rank 0 validated; every rank adopts its schedule so learning rates stay identical."""
-    import torch.distributed as dist
-    t = torch.tensor([schedule.scale, schedule.best, float(schedule.bad)], dtype=torch.float64)
-    dist.broadcast(t, 0)
-    schedule.scale, schedule.best, schedule.bad = float(t[0]), float(t[1]), int(t[2])
-
-
 def _fit_prior(model: SaShiMi, dataset: Dataset) -> None:
     """The model's classical prior fitted on this dataset's train split (refitted when
     fine-tuning: the predictor belongs to the data, the network learns what it misses)."""
@@ -601,69 +500,6 @@ def _fit_prior(model: SaShiMi, dataset: Dataset) -> None:
     model.prior.load_coder(coder)
     log.info("prior: LPC-%d fitted on the train split, window %d, scale %.2f (%.1f s)",
              coder["order"], coder["window"], coder["scale"], time.perf_counter() - t0)
-
-
-def _classical(run: Path, dataset: Dataset, cfg: Config) -> dict | None:
-    """The classical coder's line on the validation positions, for the run's page: computed once
-    before the first step (then read back from run/classical.json), so no validation waits on
-    it. None without a validation split, or (with a warning) if it cannot be computed."""
-    from ssmgen.classical import classical_line
-    if not dataset.split_samples("val"):
-        return None
-    try:
-        return classical_line(dataset, "val", max_samples=cfg.train.val_max_samples,
-                              cache_dir=run)
-    except (UserError, OSError, ValueError, np.linalg.LinAlgError) as e:
-        log.warning("no classical line on the run's page: %s", e)
-        return None
-
-
-def _listening(run: Path, model: SaShiMi, dataset: Dataset, cfg: Config, step: int, device,
-               classical: dict | None = None) -> None:
-    """A short continuation of a fixed validation prompt, and the refreshed page."""
-    from ssmgen.report import write_index, write_listening_sample
-    if cfg.train.sample_seconds > 0:  # 0 turns listening samples off
-        try:
-            write_listening_sample(run, model, dataset, cfg, step, device)
-        except UserError as e:
-            log.warning("no listening sample at step %d: %s", step, e)
-    write_index(run, classical)
-
-
-def _append_metrics(path: Path, step, seconds, optimizer, loss, rate, val) -> None:
-    """One row per validation, appended and fsynced (a row is small: appending cannot tear more
-    than the last line, which `_truncate_metrics` drops on resume)."""
-    v = val or {}
-    row = [step, f"{seconds:.1f}", f"{optimizer.param_groups[0]['lr']:.3g}", f"{loss:.5f}",
-           f"{loss / math.log(2):.5f}", f"{rate:.0f}"] + \
-        [f"{v[k]:.5f}" if k in v else "" for k in ("bpb", "acc1", "acc3", "acc5", "acc10")]
-    text = io.StringIO()
-    w = csv.writer(text)
-    if not path.exists():
-        w.writerow(METRICS)
-    w.writerow(row)
-    try:
-        with open(path, "a", newline="") as f:
-            f.write(text.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise write_failure(path, e) from None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we resume from (they will be redone) and
-    a row a kill cut short; rewritten atomically."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = [METRICS] + [r for r in rows[1:] if len(r) == len(METRICS) and r[0].isdigit()
-                        and int(r[0]) <= step]
-    if keep != rows:
-        text = io.StringIO()
-        csv.writer(text).writerows(keep)
-        write_text(path, text.getvalue())
 
 
 class _StopFlag:
