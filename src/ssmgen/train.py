@@ -475,8 +475,10 @@ def _validate(model: SaShiMi, dataset: Dataset, cfg: Config, device) -> dict | N
     split = "val" if dataset.split_samples("val") else None
     if split is None:
         return None
+    # streamed: the state carried through each file, as `continue` uses the model (chunks from a
+    # fresh state hid how a model does over a whole song); best.pt and the plateau follow it
     return evaluate_model(model, dataset, split, cfg.train.sample_len, device=device,
-                          max_samples=cfg.train.val_max_samples, progress=False)
+                          max_samples=cfg.train.val_max_samples, progress=False, streamed=True)
 
 
 def _agree(world: int, flag: int) -> int:

@@ -41,41 +41,59 @@ def _block(L: int) -> int:
     return max(1, min(L, 1 << max(0, round(math.log2(max(L, 1)) / 2))))
 
 
-def vandermonde(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> Tensor:
-    """Re(sum_n coef[..., n] * exp(log_z[..., n] * (l + offset))) for l in [0, L): real (..., L).
-
-    coef: (..., N) complex, broadcastable against log_z: (..., N) complex. Two-level powers
-    (l = K a + b) turn the sum into one batched (A x N) @ (N x K) product, and since only the real
-    part is needed, Re(P Q) = [Re P, Im P] @ [Re Q; -Im Q] is a single real matmul (complex bmm is
-    several times slower on CPU).
-    """
+def vandermonde_tables(log_z: Tensor, L: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+    """The powers `vandermonde` multiplies, which depend on `log_z` and L only (kept per length
+    in a layer's cache while its parameters stand): exp(log_z (K a + offset)) complex (..., N, A)
+    and [Re; -Im] exp(log_z b) real (..., 2N, K), for l = K a + b."""
     K = _block(L)
     A = -(-L // K)
     a = torch.arange(A, device=log_z.device, dtype=log_z.real.dtype)
     b = torch.arange(K, device=log_z.device, dtype=log_z.real.dtype)
-    P = coef.unsqueeze(-1) * _exp(log_z.unsqueeze(-1) * (a * K + offset))  # (..., N, A)
     Q = _exp(log_z.unsqueeze(-1) * b)  # (..., N, K)
+    return (_exp(log_z.unsqueeze(-1) * (a * K + offset)),
+            torch.cat([Q.real, -Q.imag], dim=-2))
+
+
+def vandermonde(coef: Tensor, log_z: Tensor, L: int, offset: int = 0,
+                tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Re(sum_n coef[..., n] * exp(log_z[..., n] * (l + offset))) for l in [0, L): real (..., L).
+
+    coef: (..., N) complex, broadcastable against log_z: (..., N) complex; `tables`: its
+    `vandermonde_tables(log_z, L, offset)` if already made. Two-level powers (l = K a + b) turn the
+    sum into one batched (A x N) @ (N x K) product, and since only the real part is needed,
+    Re(P Q) = [Re P, Im P] @ [Re Q; -Im Q] is a single real matmul (complex bmm is several times
+    slower on CPU).
+    """
+    Pz, Q = tables if tables is not None else vandermonde_tables(log_z, L, offset)
+    P = coef.unsqueeze(-1) * Pz  # (..., N, A)
     P = torch.cat([P.real, P.imag], dim=-2).transpose(-1, -2)  # (..., A, 2N)
-    Q = torch.cat([Q.real, -Q.imag], dim=-2)  # (..., 2N, K)
     return (P @ Q).flatten(-2)[..., :L]
 
 
-def vandermonde_transposed(u: Tensor, log_z: Tensor) -> Tensor:
-    """out[..., n] = sum_l u[..., l] * exp(log_z[..., n] * l): u (..., L) real, log_z (..., N)
-    broadcastable against u's leading dims; complex (..., N). Two-level like `vandermonde`, with
-    the big contraction as two real matmuls."""
-    L = u.shape[-1]
+def transposed_tables(log_z: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    """The powers `vandermonde_transposed` multiplies, which depend on `log_z` and L only:
+    [Re, Im] exp(log_z b) real (..., K, 2N) (contiguous: strided .real/.imag views made bmm copy
+    every batch matrix, a third of a prompt read's time) and exp(log_z K a) complex (..., A, N)."""
     K = _block(L)
     A = -(-L // K)
-    u = F.pad(u, (0, A * K - L)).unflatten(-1, (A, K))  # (..., A, K)
-    a = torch.arange(A, device=u.device, dtype=log_z.real.dtype)
-    b = torch.arange(K, device=u.device, dtype=log_z.real.dtype)
+    a = torch.arange(A, device=log_z.device, dtype=log_z.real.dtype)
+    b = torch.arange(K, device=log_z.device, dtype=log_z.real.dtype)
     zb = _exp(log_z.unsqueeze(-2) * b.unsqueeze(-1))  # (..., K, N)
     za = _exp(log_z.unsqueeze(-2) * (a * K).unsqueeze(-1))  # (..., A, N)
-    # one real matmul against the contiguous [Re zb, Im zb] (strided .real/.imag views made bmm
-    # copy every batch matrix: a third of a prompt read's time)
-    n = zb.shape[-1]
-    w = u @ torch.cat([zb.real, zb.imag], -1).to(u.dtype)  # (..., A, 2N)
+    return torch.cat([zb.real, zb.imag], -1), za
+
+
+def vandermonde_transposed(u: Tensor, log_z: Tensor,
+                           tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """out[..., n] = sum_l u[..., l] * exp(log_z[..., n] * l): u (..., L) real, log_z (..., N)
+    broadcastable against u's leading dims; complex (..., N); `tables`: `transposed_tables(log_z,
+    L)` if already made. Two-level like `vandermonde`, with the big contraction as two real
+    matmuls."""
+    L = u.shape[-1]
+    zb, za = tables if tables is not None else transposed_tables(log_z, L)
+    K, A, n = zb.shape[-2], za.shape[-2], za.shape[-1]
+    u = F.pad(u, (0, A * K - L)).unflatten(-1, (A, K))  # (..., A, K)
+    w = u @ zb.to(u.dtype)  # (..., A, 2N)
     return (torch.complex(w[..., :n], w[..., n:]) * za).sum(-2)
 
 
@@ -168,18 +186,27 @@ class S4D(ComplexModeState, SequenceBackend):
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         u = x.transpose(1, 2)  # (B, H, L)
         L = u.shape[-1]
-        dtA, dB, C = self.discrete()
         s0 = torch.complex(*state)  # (B, H, N/2)
-        y = causal_conv(u, 2 * vandermonde(C * dB, dtA, L).to(u.dtype)) + self.D.unsqueeze(-1) * u
+        y = causal_conv(u, self.cached_kernel(L).to(u.dtype)) + self.D.unsqueeze(-1) * u
         if bool(s0.real.any() or s0.imag.any()):  # a prompt read from silence has nothing to echo
             # The initial state's echo: y_t += 2 Re(sum_n C_n dA_n^(t+1) s0_n).
-            y = y + 2 * vandermonde(C * s0, dtA, L, offset=1)
+            p = self._powers(L)
+            y = y + 2 * vandermonde(p["C"] * s0, p["dtA"], L, 1, p["echo"])
         return y.transpose(1, 2), self.final_state(x, state)
 
     def final_state(self, x: Tensor, state: State) -> State:
         # dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product): no convolution.
         u = x.transpose(1, 2)
-        dtA, dB, _ = self.discrete()
-        s = (torch.exp(dtA * u.shape[-1]) * torch.complex(*state)
-             + dB * vandermonde_transposed(u.flip(-1), dtA.unsqueeze(0)))
+        p = self._powers(u.shape[-1])
+        s = (p["dA_L"] * torch.complex(*state)
+             + p["dB"] * vandermonde_transposed(u.flip(-1), p["dtA"], p["sums"]))
         return s.real.contiguous(), s.imag.contiguous()
+
+    def _powers(self, L: int) -> dict[str, Tensor]:
+        """What reading a chunk of L from a state derives from the parameters, kept per length
+        while they stand (a streamed evaluation reads a whole file in chunks of one length)."""
+        def prepare() -> dict[str, Tensor]:
+            dtA, dB, C = self.discrete()
+            return {"dtA": dtA, "dB": dB, "C": C, "dA_L": torch.exp(dtA * L),
+                    "echo": vandermonde_tables(dtA, L, 1), "sums": transposed_tables(dtA, L)}
+        return self.step_cache(prepare, slot=f"powers:{L}")
