@@ -96,15 +96,20 @@ def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int 
         x2[:, split:] += 1.0
         _close(layer(x2)[:, :split], y[:, :split], "causality (outputs before a change of input)",
                atol, rtol)
-        # the step cache follows an in-place change of the parameters
-        layer.step(x[:, 0], zero)  # fills the step cache
+        # the step cache (and whatever a layer keeps per length) follows an in-place change of
+        # the parameters
+        layer.step(x[:, 0], zero)  # fills the caches
+        layer.forward_with_state(x[:, split:], s1)
         for p in layer.parameters():
             p.mul_(1.5)
         after, _ = layer.step(x[:, 0], zero)
+        read, _ = layer.forward_with_state(x[:, split:], s1)
         fresh = make(torch.float64).eval()
         fresh.load_state_dict(layer.state_dict())
         _close(after, fresh.step(x[:, 0], fresh.initial_state(batch, dtype=torch.float64))[0],
                "a step after an in-place parameter change (stale step cache?)", atol, rtol)
+        _close(read, fresh.forward_with_state(x[:, split:], s1)[0],
+               "a chunk read after an in-place parameter change (stale cache?)", atol, rtol)
 
 
 def _check_gradients(layer: SequenceBackend, x: torch.Tensor, start: State, atol: float,

@@ -429,7 +429,9 @@ class S4(ComplexModeState, SequenceBackend):
         N2 = self.d_state // 2
         x0 = torch.cat(state, -1).permute(1, 2, 0)  # rho(x0) (H, N, B)
         echo = bool((x0 != 0).any())  # reading from a fresh state skips the echo
-        K, (T, nb, sq, AT, f, Grow) = self._kernel_parts(L, True, echo)
+        # kept per (length, echo) while the parameters stand: a streamed read repeats both
+        K, (T, nb, sq, AT, f, Grow) = self.step_cache(lambda: self._kernel_parts(L, True, echo),
+                                                      slot=f"parts:{L}:{int(echo)}")
         y = causal_conv(u, K.to(u.dtype)) + self.D.unsqueeze(-1) * u
         # Echo of the initial state: y_(bT+t) += 2 Re(g_t . dA^(bT) x0), g_t = C dA^(t+1).
         Z = _krylov(AT, x0.to(AT.dtype), nb)  # dA^(bT) x0 (H, N, nb, B)
