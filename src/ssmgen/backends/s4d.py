@@ -41,60 +41,53 @@ def _block(L: int) -> int:
     return max(1, min(L, 1 << max(0, round(math.log2(max(L, 1)) / 2))))
 
 
-def vandermonde_tables(log_z: Tensor, L: int, offset: int = 0) -> tuple[Tensor, Tensor]:
-    """The powers `vandermonde` multiplies, which depend on `log_z` and L only (kept per length
-    in a layer's cache while its parameters stand): exp(log_z (K a + offset)) complex (..., N, A)
-    and [Re; -Im] exp(log_z b) real (..., 2N, K), for l = K a + b."""
+def power_tables(log_z: Tensor, L: int) -> dict[str, Tensor]:
+    """The powers exp(log_z l), l = K a + b < L, that `vandermonde` and `vandermonde_transposed`
+    multiply, in the layouts each wants (one pair of exponentials serves both; a layer keeps them
+    per length while its parameters stand): "za" exp(log_z K a) complex (..., N, A) and "zaT" its
+    transpose; "Q" [Re; -Im] exp(log_z b) real (..., 2N, K); "Zt" [Re, Im] exp(log_z b) real
+    (..., K, 2N), contiguous (strided .real/.imag views made bmm copy every batch matrix: a third
+    of a prompt read's time)."""
     K = _block(L)
     A = -(-L // K)
     a = torch.arange(A, device=log_z.device, dtype=log_z.real.dtype)
     b = torch.arange(K, device=log_z.device, dtype=log_z.real.dtype)
-    Q = _exp(log_z.unsqueeze(-1) * b)  # (..., N, K)
-    return (_exp(log_z.unsqueeze(-1) * (a * K + offset)),
-            torch.cat([Q.real, -Q.imag], dim=-2))
+    za = _exp(log_z.unsqueeze(-1) * (a * K))  # (..., N, A)
+    zb = _exp(log_z.unsqueeze(-1) * b)  # (..., N, K)
+    return {"za": za, "zaT": za.transpose(-1, -2), "Q": torch.cat([zb.real, -zb.imag], dim=-2),
+            "Zt": torch.cat([zb.real, zb.imag], dim=-2).transpose(-1, -2).contiguous()}
 
 
 def vandermonde(coef: Tensor, log_z: Tensor, L: int, offset: int = 0,
-                tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                tables: dict[str, Tensor] | None = None) -> Tensor:
     """Re(sum_n coef[..., n] * exp(log_z[..., n] * (l + offset))) for l in [0, L): real (..., L).
 
-    coef: (..., N) complex, broadcastable against log_z: (..., N) complex; `tables`: its
-    `vandermonde_tables(log_z, L, offset)` if already made. Two-level powers (l = K a + b) turn the
-    sum into one batched (A x N) @ (N x K) product, and since only the real part is needed,
+    coef: (..., N) complex, broadcastable against log_z: (..., N) complex; `tables`: the
+    `power_tables(log_z, L)` if already made. Two-level powers (l = K a + b) turn the sum into one
+    batched (A x N) @ (N x K) product, and since only the real part is needed,
     Re(P Q) = [Re P, Im P] @ [Re Q; -Im Q] is a single real matmul (complex bmm is several times
-    slower on CPU).
+    slower on CPU). An offset is folded into the coefficients: coef exp(log_z offset).
     """
-    Pz, Q = tables if tables is not None else vandermonde_tables(log_z, L, offset)
-    P = coef.unsqueeze(-1) * Pz  # (..., N, A)
+    t = tables if tables is not None else power_tables(log_z, L)
+    if offset:
+        coef = coef * _exp(log_z * offset)
+    P = coef.unsqueeze(-1) * t["za"]  # (..., N, A)
     P = torch.cat([P.real, P.imag], dim=-2).transpose(-1, -2)  # (..., A, 2N)
-    return (P @ Q).flatten(-2)[..., :L]
-
-
-def transposed_tables(log_z: Tensor, L: int) -> tuple[Tensor, Tensor]:
-    """The powers `vandermonde_transposed` multiplies, which depend on `log_z` and L only:
-    [Re, Im] exp(log_z b) real (..., K, 2N) (contiguous: strided .real/.imag views made bmm copy
-    every batch matrix, a third of a prompt read's time) and exp(log_z K a) complex (..., A, N)."""
-    K = _block(L)
-    A = -(-L // K)
-    a = torch.arange(A, device=log_z.device, dtype=log_z.real.dtype)
-    b = torch.arange(K, device=log_z.device, dtype=log_z.real.dtype)
-    zb = _exp(log_z.unsqueeze(-2) * b.unsqueeze(-1))  # (..., K, N)
-    za = _exp(log_z.unsqueeze(-2) * (a * K).unsqueeze(-1))  # (..., A, N)
-    return torch.cat([zb.real, zb.imag], -1), za
+    return (P @ t["Q"]).flatten(-2)[..., :L]
 
 
 def vandermonde_transposed(u: Tensor, log_z: Tensor,
-                           tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                           tables: dict[str, Tensor] | None = None) -> Tensor:
     """out[..., n] = sum_l u[..., l] * exp(log_z[..., n] * l): u (..., L) real, log_z (..., N)
-    broadcastable against u's leading dims; complex (..., N); `tables`: `transposed_tables(log_z,
-    L)` if already made. Two-level like `vandermonde`, with the big contraction as two real
-    matmuls."""
+    broadcastable against u's leading dims; complex (..., N); `tables`: `power_tables(log_z, L)`
+    if already made. Two-level like `vandermonde`, with the big contraction as two real matmuls."""
     L = u.shape[-1]
-    zb, za = tables if tables is not None else transposed_tables(log_z, L)
-    K, A, n = zb.shape[-2], za.shape[-2], za.shape[-1]
+    t = tables if tables is not None else power_tables(log_z, L)
+    Zt, zaT = t["Zt"], t["zaT"]
+    K, A, n = Zt.shape[-2], zaT.shape[-2], zaT.shape[-1]
     u = F.pad(u, (0, A * K - L)).unflatten(-1, (A, K))  # (..., A, K)
-    w = u @ zb.to(u.dtype)  # (..., A, 2N)
-    return (torch.complex(w[..., :n], w[..., n:]) * za).sum(-2)
+    w = u @ Zt.to(u.dtype)  # (..., A, 2N)
+    return (torch.complex(w[..., :n], w[..., n:]) * zaT).sum(-2)
 
 
 def vandermonde_naive(coef: Tensor, log_z: Tensor, L: int, offset: int = 0) -> Tensor:
@@ -186,27 +179,33 @@ class S4D(ComplexModeState, SequenceBackend):
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         u = x.transpose(1, 2)  # (B, H, L)
         L = u.shape[-1]
+        p = self._powers(L)
         s0 = torch.complex(*state)  # (B, H, N/2)
-        y = causal_conv(u, self.cached_kernel(L).to(u.dtype)) + self.D.unsqueeze(-1) * u
+        y = causal_conv(u, p["K"].to(u.dtype)) + self.D.unsqueeze(-1) * u
         if bool(s0.real.any() or s0.imag.any()):  # a prompt read from silence has nothing to echo
             # The initial state's echo: y_t += 2 Re(sum_n C_n dA_n^(t+1) s0_n).
-            p = self._powers(L)
-            y = y + 2 * vandermonde(p["C"] * s0, p["dtA"], L, 1, p["echo"])
-        return y.transpose(1, 2), self.final_state(x, state)
+            y = y + 2 * vandermonde(p["C"] * p["dA"] * s0, p["dtA"], L, tables=p)
+        return y.transpose(1, 2), self._final_state(u, state, p)
 
     def final_state(self, x: Tensor, state: State) -> State:
-        # dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product): no convolution.
         u = x.transpose(1, 2)
-        p = self._powers(u.shape[-1])
+        return self._final_state(u, state, self._powers(u.shape[-1]))
+
+    @staticmethod
+    def _final_state(u: Tensor, state: State, p: dict[str, Tensor]) -> State:
+        # dA^L s0 + sum_j dA^(L-1-j) dB u_j (a transposed Vandermonde product): no convolution.
         s = (p["dA_L"] * torch.complex(*state)
-             + p["dB"] * vandermonde_transposed(u.flip(-1), p["dtA"], p["sums"]))
+             + p["dB"] * vandermonde_transposed(u.flip(-1), p["dtA"], p))
         return s.real.contiguous(), s.imag.contiguous()
 
     def _powers(self, L: int) -> dict[str, Tensor]:
-        """What reading a chunk of L from a state derives from the parameters, kept per length
-        while they stand (a streamed evaluation reads a whole file in chunks of one length)."""
+        """What reading a chunk of L from a state derives from the parameters (the kernel, the
+        power tables its echo and its final state share), made once per read under autograd and
+        kept per length otherwise (a streamed evaluation reads a file in chunks of one length)."""
         def prepare() -> dict[str, Tensor]:
             dtA, dB, C = self.discrete()
-            return {"dtA": dtA, "dB": dB, "C": C, "dA_L": torch.exp(dtA * L),
-                    "echo": vandermonde_tables(dtA, L, 1), "sums": transposed_tables(dtA, L)}
+            p = power_tables(dtA, L)
+            p.update(dtA=dtA, dB=dB, C=C, dA=torch.exp(dtA), dA_L=torch.exp(dtA * L),
+                     K=2 * vandermonde(C * dB, dtA, L, tables=p))
+            return p
         return self.step_cache(prepare, slot=f"powers:{L}")
