@@ -23,10 +23,11 @@ def test_shipped_presets():
     assert replace(cpu.model, seq_len=None, ordinal_input=False, ordinal_output=False) == \
         replace(paper.model, seq_len=None)
     # The model records the length it is trained at (S4's C~ is parameterized for it).
-    assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 4096)
+    assert (paper.model.seq_len, cpu.model.seq_len) == (131072, 2048)
     assert load_config("tiny", overrides=["train.sample_len=256"]).model.seq_len == 256
-    assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps) == \
-        (4, 4096, 2e-3, 100)
+    assert (cpu.train.batch_size, cpu.train.sample_len, cpu.train.lr, cpu.train.warmup_steps,
+            cpu.train.carry_crops) == (8, 2048, 2e-3, 100, 64)
+    assert paper.train.carry_crops == 1  # the paper's crops each start from a fresh state
 
 
 def test_the_recipe_follows_the_device_unless_named(monkeypatch):

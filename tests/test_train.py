@@ -119,7 +119,7 @@ def test_carried_states_resume_exactly(data, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the carried states change what is learned (the same seed without them differs)
     r = ssmgen("train", data, *FAST, "--set", "train.val_every=3", "--seed", 2, "--max-steps", 7,
-               "--out", plain)
+               "--set", "train.carry_crops=1", "--out", plain)
     assert r.returncode == 0 and "carry" not in weights(plain)
     assert any(not torch.equal(v, weights(plain)["model"][k]) for k, v in a["model"].items())
 

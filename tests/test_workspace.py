@@ -39,7 +39,8 @@ def test_the_three_commands_verbatim_in_an_empty_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     notes = " ".join(note_lines(r.stderr))
     assert "dataset data/my_audio" in notes, r.stderr  # says which dataset it took
-    assert "recipe cpu (4 x 4096 samples per step" in notes, r.stderr  # and how it trains
+    # and how it trains
+    assert "recipe cpu (8 x 2048 samples per step, state carried over 64 crops" in notes, r.stderr
     assert "stops after 5 steps" in notes, r.stderr
     runs = sorted((ws / "runs").iterdir())
     assert [p.name for p in runs] == ["ablated-s4d-1"], runs
