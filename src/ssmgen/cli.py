@@ -196,7 +196,7 @@ def presets(
 ) -> None:
     """List the presets with their parameter counts per backend, or print one."""
     from ssmgen import backends
-    from ssmgen.config import USER_PRESETS, load_config, preset_names, preset_text
+    from ssmgen.config import USER_PRESETS, crops_text, load_config, preset_names, preset_text
     from ssmgen.model import SaShiMi, count_parameters
 
     if show is not None:
@@ -222,7 +222,8 @@ def presets(
         m, t = cfg.model, cfg.train
         table.add_row(f"{p} (./presets)" if p in own else p, *counts,
                       f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
-                      f"{cfg.recipe}: {t.batch_size} x {t.sample_len}, lr {t.lr:g}")
+                      f"{cfg.recipe}: {crops_text(t.batch_size, t.sample_len, t.carry_crops)}, "
+                      f"lr {t.lr:g}")
     out.print(table)
 
 

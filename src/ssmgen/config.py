@@ -162,6 +162,13 @@ FLAGS = {"train.batch_size": "--batch-size", "train.sample_len": "--sample-len",
          "train.seed": "--seed", "train.device": "--device"}
 
 
+def crops_text(batch_size: Any, sample_len: Any, carry_crops: Any = 1) -> str:
+    """How a recipe reads its training data, said the same way everywhere (the run's first lines,
+    its page, `ssmgen presets`): '8 x 2048 samples per step, state carried over 64 crops'."""
+    carry = f", state carried over {carry_crops} crops" if (carry_crops or 1) > 1 else ""
+    return f"{batch_size} x {sample_len} samples per step{carry}"
+
+
 def field_name(key: str) -> str:
     """A field's name for messages, with the option that sets it: 'train.lr (--lr)'."""
     return f"{key} ({FLAGS[key]})" if key in FLAGS else key

@@ -25,6 +25,7 @@ import soundfile as sf
 
 from ssmgen.atomic import write_bytes
 from ssmgen.audio import atomic_write_text, decode, write_wav
+from ssmgen.config import crops_text
 from ssmgen.listen import spectrogram_png, waveform_png
 
 BLUE, RED, GREY = "#1f77b4", "#d62728", "#555"
@@ -183,9 +184,9 @@ def _settings(run: Path, rows: list[dict], classical: dict | None) -> str:
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     speed = next((r["samples_per_s"] for r in reversed(rows) if r.get("samples_per_s")), "")
+    crops = crops_text(train.get("batch_size"), train.get("sample_len"), train.get("carry_crops"))
     items = [("preset", info.get("preset")), ("backend", info.get("backend")),
-             ("recipe", f"{info.get('recipe')} ({train.get('batch_size')} x "
-                        f"{train.get('sample_len')} samples per step, lr {train.get('lr')})"),
+             ("recipe", f"{info.get('recipe')} ({crops}, lr {train.get('lr')})"),
              ("dataset", f"{info.get('dataset')}: {hours}"),
              ("speed", f"{float(speed):,.0f} samples/s (training, latest)" if speed else "-"),
              ("steps so far", rows[-1]["step"] if rows else "0")]

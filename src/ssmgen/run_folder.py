@@ -15,7 +15,7 @@ import torch
 
 from ssmgen.atomic import write_failure, write_text
 from ssmgen.checkpoint import load_checkpoint
-from ssmgen.config import Config
+from ssmgen.config import Config, crops_text
 from ssmgen.data import Dataset
 from ssmgen.errors import UserError
 from ssmgen.model import SaShiMi
@@ -56,10 +56,9 @@ def announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
     """Say, before the first step, where the run goes, how it trains and how it will stop."""
     t = cfg.train
     warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
-    carry = f", state carried over {t.carry_crops} crops" if t.carry_crops > 1 else ""
-    log.info("%s %s: preset %s, backend %s, recipe %s (%s x %d samples per step%s, lr %g%s, "
-             "schedule %s) on %s%s", "resuming" if resumed else "training into", run, cfg.preset,
-             cfg.model.backend, cfg.recipe, t.batch_size, t.sample_len, carry, t.lr, warm,
+    log.info("%s %s: preset %s, backend %s, recipe %s (%s, lr %g%s, schedule %s) on %s%s",
+             "resuming" if resumed else "training into", run, cfg.preset, cfg.model.backend,
+             cfg.recipe, crops_text(t.batch_size, t.sample_len, t.carry_crops), t.lr, warm,
              t.schedule, device.type, f", starting from {init}" if init else "")
     if t.max_steps is None and t.max_minutes is None:
         log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
