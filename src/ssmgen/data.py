@@ -199,7 +199,7 @@ class CropStreams:
                 and self.offset[b] + length <= segs[i].offset + segs[i].length)
 
     def state_dict(self) -> dict:
-        return {"crops": self.crops, "segment": list(self.segment), "offset": list(self.offset),
+        return {"segment": list(self.segment), "offset": list(self.offset),
                 "left": list(self.left)}
 
     def load_state_dict(self, d: dict) -> None:

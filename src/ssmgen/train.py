@@ -428,10 +428,8 @@ class Trainer:
                 with amp:
                     if state is None:
                         logits = net(x)
-                    else:  # the state after this crop starts the row's next one
-                        logits, after = net(x, state)
-                        self.carried = ModelState(after.t, {n: v.detach()
-                                                            for n, v in after.tensors.items()})
+                    else:  # the state after this crop starts the row's next one (detached
+                        logits, self.carried = net(x, state)  # by restart_rows next step)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
