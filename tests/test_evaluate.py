@@ -133,3 +133,32 @@ def test_chunked_only_skips_the_streamed_pass(setup):
     r = ssmgen("eval", ckpt, "--audio", root / "songs" / "b.flac")
     assert r.returncode == 0, r.stderr
     assert "in chunks of" in r.stdout and "b.flac, streamed:" in r.stdout
+
+
+def test_a_capped_read_hears_a_fair_prefix_of_every_file(tmp_path):
+    """Validation caps its read (train.val_max_samples): the budget is shared out over the files,
+    a prefix of each, so a long first file cannot crowd out the rest."""
+    import numpy as np
+
+    from helpers import make_dataset
+    from ssmgen.data import Dataset, fair_shares
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = [int(x) for x in rng.integers(0, 50, size=rng.integers(1, 6))]
+        budget = int(rng.integers(0, 200))
+        shares = fair_shares(lengths, budget)
+        assert sum(shares) == min(budget, sum(lengths))
+        assert all(0 <= s <= n for s, n in zip(shares, lengths))
+        # max-min fair: a file cut short gets at least as much as any other file
+        for s, n in zip(shares, lengths):
+            if s < n:
+                assert s >= max(shares) - 1
+    ds = Dataset(make_dataset(tmp_path / "ds", files=(("train", 3), ("val", 1), ("test", 1)),
+                              seconds=0.5))
+    whole = list(ds.file_tokens("train"))
+    assert [len(t) for t in whole] == [8000] * 3
+    capped = list(ds.file_tokens("train", 3000))
+    assert [len(t) for t in capped] == [1000] * 3
+    for c, w in zip(capped, whole):
+        assert np.array_equal(c, w[:1000])

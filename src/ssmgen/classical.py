@@ -45,7 +45,7 @@ FLOORS = (3e-5, 1e-4, 3e-4)
 EPSILONS = (1e-5, 1e-4, 1e-3)
 DISTS = ("logistic", "laplace")
 CACHE_NAME = "classical.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a capped split is a prefix of every file (data.fair_shares)
 
 
 # --- the pieces -------------------------------------------------------------------------------
@@ -197,8 +197,8 @@ def score(coder: dict, segments: Sequence[np.ndarray]) -> tuple[float, int]:
 # --- on a dataset -----------------------------------------------------------------------------
 
 def split_files(dataset, split: str, max_samples: int | None = None) -> list[np.ndarray]:
-    """The files of a split as token arrays (memory-mapped views), cut after `max_samples`
-    positions in all, as the evaluation of a model cuts them (`Dataset.file_tokens`)."""
+    """The files of a split as token arrays (memory-mapped views), capped at `max_samples`
+    positions in all as the evaluation of a model caps them (`Dataset.file_tokens`)."""
     return list(dataset.file_tokens(split, max_samples))
 
 

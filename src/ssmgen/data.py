@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -124,21 +124,33 @@ class Dataset:
 
     # --- evaluation -------------------------------------------------------------------------------
     def file_tokens(self, split: str, max_samples: int | None = None) -> Iterator[np.ndarray]:
-        """Each file's tokens in the split (memory-mapped views), in order, cut after
-        `max_samples` positions in all: what an evaluation of the split reads."""
+        """Each file's tokens in the split (memory-mapped views), in order: what an evaluation
+        of the split reads. With `max_samples`, a prefix of each file, the budget shared out
+        evenly over the files (`fair_shares`), so a capped validation hears every file from its
+        start rather than the first files alone."""
+        segs = self.segments(split)
         tokens = self.tokens(split)
-        seen = 0
-        for seg in self.segments(split):
-            part = tokens[seg.offset: seg.offset + seg.length]
-            if max_samples is not None:
-                part = part[: max(0, max_samples - seen)]
-            if len(part) == 0:
-                return
-            seen += len(part)
-            yield part
+        takes = ([s.length for s in segs] if max_samples is None
+                 else fair_shares([s.length for s in segs], max_samples))
+        for seg, take in zip(segs, takes):
+            if take > 0:
+                yield tokens[seg.offset: seg.offset + take]
 
     def split_samples(self, split: str) -> int:
         return sum(s.length for s in self.segments(split))
+
+
+def fair_shares(lengths: Sequence[int], budget: int) -> list[int]:
+    """How many leading positions of each file a `budget` buys, shared out evenly (max-min
+    fair): a file shorter than its share gives it all, the rest goes to the longer ones. The
+    shares sum to min(budget, sum(lengths))."""
+    shares = [0] * len(lengths)
+    left = max(0, int(budget))
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for k, i in enumerate(order):
+        shares[i] = min(int(lengths[i]), left // (len(order) - k))
+        left -= shares[i]
+    return shares
 
 
 def _draw_crops(segs: list[Segment], n: int, length: int,

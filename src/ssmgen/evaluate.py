@@ -71,8 +71,9 @@ def score_files(model: torch.nn.Module, files: Iterable[np.ndarray], length: int
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_len: int, *,
                    device: torch.device | str = "cpu", max_samples: int | None = None,
                    progress: bool = True, streamed: bool = False) -> dict[str, Any]:
-    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or its first
-    `max_samples` positions), chunked or `streamed` (`score_files`)."""
+    """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or `max_samples`
+    positions of it: a prefix of every file, `Dataset.file_tokens`), chunked or
+    `streamed` (`score_files`)."""
     total = dataset.split_samples(split)
     if total == 0:
         raise UserError(f"{dataset.root}: the {split} split is empty")
