@@ -15,7 +15,7 @@ LAYERS = {
     "cli": 6, "__main__": 6,
     "prep": 5, "train": 5, "run_folder": 5, "evaluate": 5, "report": 5, "export": 5, "doctor": 5,
     "generate.continuation": 5, "generate.page": 5,
-    "checkpoint": 4, "optim": 4, "generate.engines": 4, "generate.torch_engine": 4,
+    "checkpoint": 4, "optim": 4, "sizing": 4, "generate.engines": 4, "generate.torch_engine": 4,
     "generate.cpu_fast": 4,
     "generate.cpu_fast_kernels": 4, "generate.cpu_fast_linear": 4,
     "generate.cpu_fast_backends": 4, "generate.cuda_graph": 4, "generate.sampling": 4,

@@ -129,7 +129,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     size is checked against memory, and the weights' shapes against its config, before the model
     is built."""
     from ssmgen.config import Config
-    from ssmgen.model import new_model
+    from ssmgen.sizing import new_model
 
     ckpt = load_checkpoint(path)
     where = ckpt["path"]

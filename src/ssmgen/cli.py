@@ -325,7 +325,8 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the one it "
                                                    "trained on)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    max_samples: Optional[int] = typer.Option(None, help="Evaluate only this many samples: a prefix of every file, shared out evenly."),
+    max_samples: Optional[int] = typer.Option(
+        None, help="Evaluate only this many samples: a prefix of every file, shared out evenly."),
     audio: Optional[List[Path]] = typer.Option(
         None, "--audio", help="Score these audio files instead of a split (repeat the option; "
                               "any format, rate, channels)."),

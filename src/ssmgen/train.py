@@ -37,7 +37,7 @@ from ssmgen.data import CropStreams, Dataset
 from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
 from ssmgen.evaluate import evaluate_model
-from ssmgen.model import ModelState, SaShiMi, activation_bytes, count_parameters, new_model
+from ssmgen.model import ModelState, SaShiMi, count_parameters
 from ssmgen.optim import Schedule, make_optimizer, sync_schedule
 from ssmgen.progress import progress_bar
 from ssmgen.run_folder import (
@@ -49,6 +49,7 @@ from ssmgen.run_folder import (
     write_listening,
 )
 from ssmgen.runtime import available_memory, check_memory, resolve_device
+from ssmgen.sizing import activation_bytes, new_model
 from ssmgen.workspace import is_run, mark_run, new_run
 
 log = logging.getLogger("ssmgen.train")

@@ -397,7 +397,7 @@ def _check_size(model, song: Path, n_new: int, n_prompt: int, num: int, join: bo
                 only_new: bool, rate: int, what: str = "") -> None:
     """Refuse, before allocating, outputs and batches larger than the machine or the WAV format."""
     from ssmgen.audio import probe
-    from ssmgen.model import activation_bytes
+    from ssmgen.sizing import activation_bytes
 
     info = probe(song)
     channels, out_rate = (info.channels, info.samplerate) if join else (1, rate)
