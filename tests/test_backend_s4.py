@@ -187,6 +187,28 @@ def test_tilde_kernel_matches_dense_reference(L):
     torch.testing.assert_close(fast, ref[:, :64], atol=1e-11 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("rank", [1, 2])
+def test_carried_read_at_the_training_length_is_the_general_read(rank):
+    """At l_max, training's carried read takes its own path (the echo as Cauchy sums, the final
+    state without gradients): the same outputs, gradients and state as the general machinery,
+    and the state against the naive recurrence."""
+    from ssmgen.testing import check_carried_read
+
+    layer = make(H=3, d_state=16, rank=rank, l_max=64)
+    x = torch.randn(B, 64, 3, dtype=torch.float64)
+    s0 = rand_state(layer)
+    check_carried_read(layer, x, s0, atol=1e-10, rtol=1e-8)
+    with torch.no_grad():
+        _, s_ref = naive_run(layer, x, s0)
+        _, s_read = layer.read_carried(x, s0)
+    for a, b in zip(s_read, s_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    calls = []
+    layer.forward_with_state = lambda *a: calls.append(1)  # the fast path never falls back
+    layer.read_carried(x, s0)
+    assert not calls
+
+
 def test_tilde_modes_match_naive_recurrence():
     """Parallel (C~), prompt read and step (the true C) all run the recurrence of the true C."""
     layer = make(H=3, d_state=16, l_max=32)

@@ -173,7 +173,7 @@ def test_other_pools_parallel_step_and_prompt_read_agree(pool):
 def test_restart_rows_resets_only_those_rows_and_cuts_the_graph():
     model = tiny("s4d").train()
     tokens = torch.randint(0, 256, (3, 48))
-    _, state = model(tokens, model.initial_state(3))  # forward with a state: (logits, state)
+    _, state = model.forward_with_state(tokens, model.initial_state(3))
     assert any(v.requires_grad for v in state.tensors.values())
     rows = torch.tensor([False, True, False])
     got = model.restart_rows(state, rows)
@@ -184,3 +184,29 @@ def test_restart_rows_resets_only_those_rows_and_cuts_the_graph():
         assert torch.equal(v[1], first.tensors[n][1]), n
         assert torch.equal(v[[0, 2]], state.tensors[n][[0, 2]].detach()), n
     assert any(state.tensors[n][1].abs().sum() > 0 for n in state.names())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_training_read_from_a_state_is_the_prompt_read_with_its_state_detached(name):
+    """model(tokens, state), how training with carried states reads a crop (each layer's
+    `read_carried`, S4's own path at the training length): forward_with_state's logits and
+    gradients, and its state without the graph."""
+    model = tiny(name, dtype=torch.float64).train()
+    L = model.cfg.seq_len
+    tokens = torch.randint(0, 256, (2, 2 * L))
+    with torch.no_grad():
+        _, start = model.forward_with_state(tokens[:, :L], model.initial_state(2))
+    w = torch.randn(2, L, 256, dtype=torch.float64)
+    got = []
+    for read in (model, model.forward_with_state):
+        logits, state = read(tokens[:, L:], start)
+        grads = torch.autograd.grad((logits * w).sum(), list(model.parameters()))
+        got.append((logits.detach(), state, grads))
+    (a, sa, ga), (b, sb, gb) = got
+    torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    assert sa.t == sb.t and sa.names() == sb.names()
+    for n in sa.names():
+        assert not sa.tensors[n].requires_grad, n
+        torch.testing.assert_close(sa.tensors[n], sb.tensors[n].detach(), atol=1e-9, rtol=1e-7)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7)

@@ -83,8 +83,11 @@ class SequenceBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self._post(self.layer(self.norm(x)))
 
-    def forward_with_state(self, x: Tensor, state):
-        y, state = self.layer.forward_with_state(self.norm(x), state)
+    def forward_with_state(self, x: Tensor, state, carried: bool = False):
+        """`carried`: as training with carried states reads it (`read_carried`: the state after
+        x comes without gradients)."""
+        read = self.layer.read_carried if carried else self.layer.forward_with_state
+        y, state = read(self.norm(x), state)
         return x + self._post(y), state
 
     def step(self, x: Tensor, state):
@@ -124,15 +127,16 @@ class Tier(nn.Module):
             y = ff(seq(y))
         return y + x
 
-    def forward_with_state(self, x: Tensor, states: list,
-                           output: bool = True) -> tuple[Tensor | None, list]:
+    def forward_with_state(self, x: Tensor, states: list, output: bool = True,
+                           carried: bool = False) -> tuple[Tensor | None, list]:
         """`output=False` (the finest tier when no logits are wanted): the last sequence layer
-        yields only its state, and its block's output and the last FF block are skipped."""
+        yields only its state, and its block's output and the last FF block are skipped.
+        `carried`: as training with carried states reads it (`SequenceBlock`)."""
         y, new = x, []
         for j, (seq, ff, s) in enumerate(zip(self.seq, self.ff, states)):
             if not output and j == len(self.seq) - 1:
                 return None, new + [seq.final_state(y, s)]
-            y, s = seq.forward_with_state(y, s)
+            y, s = seq.forward_with_state(y, s, carried)
             y = ff(y)
             new.append(s)
         return y + x, new
@@ -301,29 +305,35 @@ class SaShiMi(nn.Module):
     # --- parallel ---------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, state: ModelState | None = None):
         """Logits (B, L, 256) for `tokens` from a fresh state; given a `state`, (logits, the state
-        after them) as `forward_with_state` gives (training with carried states calls the model
-        this way, so that DistributedDataParallel sees the call)."""
+        after them) as `forward_with_state` gives, the state detached: training with carried
+        states calls the model this way (so that DistributedDataParallel sees the call) and cuts
+        the graph there, which lets each layer skip its final state's gradients
+        (`read_carried`)."""
         if state is not None:
-            return self.forward_with_state(tokens, state)
+            return self.forward_with_state(tokens, state, carried=True)
         logits, _ = self._parallel(tokens, None)
         return logits
 
-    def forward_with_state(self, tokens: Tensor, state: ModelState, *,
-                           logits: bool = True) -> tuple[Tensor | None, ModelState]:
+    def forward_with_state(self, tokens: Tensor, state: ModelState, *, logits: bool = True,
+                           carried: bool = False) -> tuple[Tensor | None, ModelState]:
         """Logits for `tokens` and the state after them, read in parallel. If the state is not at a
         frame boundary (t % 16 != 0), the few samples up to the boundary are stepped first.
-        `logits=False` skips the output head (reading a prompt needs only the state)."""
+        `logits=False` skips the output head (reading a prompt needs only the state).
+        `carried`: the state after them detached, its gradients never made (`forward`)."""
         outs = []
         while state.t % self.frame and tokens.shape[1]:
             out, state = self.step(tokens[:, 0], state)
             outs.append(out.unsqueeze(1))
             tokens = tokens[:, 1:]
         if tokens.shape[1]:
-            out, state = self._parallel(tokens, state, head=logits)
+            out, state = self._parallel(tokens, state, head=logits, carried=carried)
             outs.append(out)
+        if carried:
+            state = ModelState(state.t, {n: v.detach() for n, v in state.tensors.items()})
         return (torch.cat(outs, dim=1) if logits else None), state
 
-    def _parallel(self, tokens: Tensor, state: ModelState | None, head: bool = True):
+    def _parallel(self, tokens: Tensor, state: ModelState | None, head: bool = True,
+                  carried: bool = False):
         cfg, B = self.cfg, tokens.shape[0]
         S = state.tensors if state is not None else None
         new: dict[str, Tensor] = {}
@@ -339,7 +349,7 @@ class SaShiMi(nn.Module):
                 new[f"down{i}"] = buf
             xs.append(down(x))
         level = len(cfg.pool)
-        y = self._run_tier(level, xs[level], S, new)
+        y = self._run_tier(level, xs[level], S, new, carried=carried)
         for i in reversed(range(level)):  # up path
             up = self.up[i]
             prev = S[f"up{i}"] if S is not None else xs[i].new_zeros(B, cfg.pool[i], self.widths[i])
@@ -347,7 +357,7 @@ class SaShiMi(nn.Module):
             if S is not None:
                 new[f"up{i}"] = (up.linear(y[:, -1]).reshape(B, cfg.pool[i], -1)
                                  if y.shape[1] else prev)
-            y = self._run_tier(i, z, S, new, output=head or i > 0)
+            y = self._run_tier(i, z, S, new, output=head or i > 0, carried=carried)
         logits = self.head(self.norm(y)) if head else None
         if self.prior is not None:
             logp, prior_state = self.prior.parallel(
@@ -358,7 +368,8 @@ class SaShiMi(nn.Module):
             return logits, None
         return logits, ModelState(state.t + tokens.shape[1], self._ordered(new))
 
-    def _run_tier(self, level: int, x: Tensor, S, new: dict, output: bool = True) -> Tensor:
+    def _run_tier(self, level: int, x: Tensor, S, new: dict, output: bool = True,
+                  carried: bool = False) -> Tensor:
         tier = self._tier(level)
         if S is None:
             return tier(x) if x.shape[1] else x
@@ -369,7 +380,7 @@ class SaShiMi(nn.Module):
             return x
         names = self._layer_names(level)
         states = [tuple(S[f"{prefix}.{n}"] for n in names_j) for prefix, names_j in names]
-        y, states = tier.forward_with_state(x, states, output)
+        y, states = tier.forward_with_state(x, states, output, carried)
         for (prefix, names_j), s in zip(names, states):
             for n, t in zip(names_j, s):
                 new[f"{prefix}.{n}"] = t

@@ -7,9 +7,11 @@ third-party plug-in (backends/ssmgen-lru) run the same checks.
 `check_backend` asserts, in float64: the three modes agree (parallel == stepping; a chunk read
 from a state == the same chunk inside the whole sequence; `final_state` == `forward_with_state`'s
 state), a chunk read from a state has stepping's gradients (what training with carried states
-backpropagates through), outputs are causal, the state is real tensors named by `state_names()`,
-and the step cache is never stale after an in-place parameter change. Backend-specific references
-(a naive recurrence, gradchecks) stay with each backend's own tests.
+backpropagates through) and `read_carried` gives the same outputs, gradients and (detached)
+state (`check_carried_read`, which a backend with its own carried read also runs at the length
+where that read takes its fast path), outputs are causal, the state is real tensors named by
+`state_names()`, and the step cache is never stale after an in-place parameter change.
+Backend-specific references (a naive recurrence, gradchecks) stay with each backend's own tests.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int 
                           f"final_state from a {label} state against forward_with_state's",
                           atol, rtol)
     _check_gradients(layer, x[:, split:], tuple(v.detach() for v in s1), atol, rtol)
+    check_carried_read(layer, x[:, split:], tuple(v.detach() for v in s1), atol, rtol)
     with torch.no_grad():
         x2 = x.clone()
         x2[:, split:] += 1.0
@@ -110,6 +113,32 @@ def check_backend(make: Callable[[torch.dtype], SequenceBackend], *, batch: int 
                "a step after an in-place parameter change (stale step cache?)", atol, rtol)
         _close(read, fresh.forward_with_state(x[:, split:], s1)[0],
                "a chunk read after an in-place parameter change (stale cache?)", atol, rtol)
+
+
+def check_carried_read(layer: SequenceBackend, x: torch.Tensor, start: State,
+                       atol: float = 1e-9, rtol: float = 1e-7) -> None:
+    """`read_carried` (how training with carried states reads a chunk) gives
+    `forward_with_state`'s outputs and their gradients for every parameter and the input, and
+    its final state, detached."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    got = []
+    for read in (layer.read_carried, layer.forward_with_state):
+        xi = x.clone().requires_grad_()
+        y, s = read(xi, start)
+        d = torch.autograd.grad((y * w).sum(), [xi, *params], allow_unused=True)
+        got.append((y.detach(), s, [torch.zeros_like(v) if e is None else e
+                                    for e, v in zip(d, [xi, *params])]))
+    (y1, s1, d1), (y2, s2, d2) = got
+    assert not any(v.requires_grad for v in s1), "read_carried: the state after it has gradients"
+    _close(y1, y2, "read_carried's outputs against forward_with_state's", atol, rtol)
+    _states_close(s1, tuple(v.detach() for v in s2),
+                  "read_carried's state against forward_with_state's", atol, rtol)
+    names = ["the input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, d1, d2):
+        _close(a, b, f"gradient of {name} through read_carried against forward_with_state",
+               atol, rtol)
 
 
 def _check_gradients(layer: SequenceBackend, x: torch.Tensor, start: State, atol: float,

@@ -220,6 +220,15 @@ class SequenceBackend(nn.Module):
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
+    def read_carried(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """A chunk read as training with carried states reads it (truncated backpropagation
+        through time): `forward_with_state`'s outputs with their gradients, and the state after
+        the chunk without them (the trainer cuts the graph there anyway). Default:
+        `forward_with_state` with the state detached; a backend whose differentiable final state
+        is costly computes it without gradients (S4)."""
+        y, s = self.forward_with_state(x, state)
+        return y, tuple(v.detach() for v in s)
+
     def final_state(self, x: Tensor, state: State) -> State:
         """The state after x (B, L, H) from `state`, when its outputs are not wanted (the last
         layer of a prompt read). Default: `forward_with_state`'s; a convolution backend can skip

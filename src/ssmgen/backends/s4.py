@@ -416,12 +416,90 @@ class S4(ComplexModeState, SequenceBackend):
         S, _ = self._cauchy(self.l_max, self._params()[4][:, None, :])
         return 2 * torch.fft.ifft(S[:, 0], dim=-1).real
 
+    def _tilde_sums(self, z: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """At the l_max-th roots of unity, from the parameter C~ = C (I - dA^l_max): S (H, l_max),
+        whose inverse FFT is the training kernel (as `tilde_kernel`), and, for an initial state z
+        (B, H, N/2) (half modes), the spectrum E (B, H, l_max) of its echo 2 Re(C dA^(t+1) z),
+        t < l_max. E = C~ (I - zeta dA)^-1 dA z (the truncated generating function): the echo
+        rows of `_state_maps` contracted with z before they are formed, so every sum, z's
+        included, comes from one compiled Cauchy pass and no matrix power is differentiated."""
+        dt, lam, P, B, ct = self._params()
+        R, T, H = P.shape[0], self.l_max, dt.shape[0]
+        zeta = _roots(T, lam.dtype, lam.device)
+        z1 = (1 + zeta)[:, None]  # (T, 1)
+        a, b = (2 / dt)[:, None] * (1 - zeta), z1 * lam
+        Pc = P.conj()
+        cols = [torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)
+                .expand(H, -1, -1), (ct * B)[:, None], ct[:, None, :] * P]
+        nz = 0
+        if z is not None:
+            w = (((2 / dt)[:, None] + lam) * z).transpose(0, 1)  # (2/dt + Lambda) z (H, B, N/2)
+            nz = w.shape[1]
+            cols += [ct[:, None, :] * w, (Pc[None, :, None, :] * w[:, None]).flatten(1, 2)]
+        sums = cauchy(a, b, torch.cat(cols, 1))  # (H, T, J)
+        Mraw = sums[..., : R * R].unflatten(-1, (R, R))  # [s, r]: sum q Pc_s P_r (stored half)
+        sPB = _full(sums[..., R * R: R * R + R])
+        sCB = sums[..., R * R + R]
+        sCP = sums[..., R * R + R + 1: R * R + 2 * R + 1]  # (H, T, R), stored half
+        eye = torch.eye(R, dtype=sums.dtype, device=sums.device)
+        Kinv = _inv(eye + z1[..., None] * _full(Mraw))  # Woodbury core (H, T, R, R)
+        coef = z1 * torch.einsum("htrs,hts->htr", Kinv, sPB)
+        S = 2 * (sCB - (sCP * coef).sum(-1))
+        if z is None:
+            return S, None
+        o = R * R + 2 * R + 1
+        sCW = sums[..., o: o + nz]  # sum q C~ w_b (H, T, B)
+        sPW = sums[..., o + nz:].unflatten(-1, (R, nz))  # sum q Pc_s w_b (H, T, R, B)
+        rho = z1 * torch.einsum("htr,htrs->hts", _full(sCP), Kinv)
+        sRP = _full(sCP - torch.einsum("hts,htsr->htr", rho, Mraw))  # the echo rows against P
+        pz = torch.einsum("rn,bhn->hrb", Pc, z)
+        E = sCW - torch.einsum("hts,htsb->htb", rho, sPW) - torch.einsum("htr,hrb->htb", sRP, pz)
+        return S, E.permute(2, 0, 1)
+
+    def _final_state_of(self, u: Tensor, state: State) -> State:
+        """The state after u (B, H, L) from `state`, one block of T = L (no gradients wanted):
+        x_L = r + dA^L (x0 - r), r = sum_j f_j u_(L-1-j) from the aliased f_j = (I - dA^L)^-1
+        dA^j dB (the inverse FFT of the resolvent vectors X); dA^L by log2 L squarings in
+        float64. Neither the true C nor the kernel is needed."""
+        Bt, H, L = u.shape
+        N2 = self.d_state // 2
+        hi = _hi(self.log_dt.device)
+        AL = _matpow(_powers(self.transition_matrix(self._dynamics(hi)), L), L)
+        _, parts = self._cauchy(L, self._params()[4][:, None, :], keep_q=True)
+        X, _ = self._state_maps(None, parts, echo=False)
+        f = torch.view_as_real(torch.fft.ifft(X, dim=1)).flatten(2)  # (H, T, N) pairs interleaved
+        r = torch.einsum("htj,bht->hjb", f, u.flip(-1).to(f.dtype))
+        r = r.unflatten(1, (N2, 2)).transpose(1, 2).flatten(1, 2).to(hi)  # rho form (H, N, B)
+        x0 = torch.cat(state, -1).permute(1, 2, 0).to(hi)
+        xL = (r + AL @ (x0 - r)).permute(2, 0, 1).to(u.dtype)
+        return xL[..., :N2].contiguous(), xL[..., N2:].contiguous()
+
     # --- modes -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         u = x.transpose(1, 2)  # (B, H, L)
         K = self.cached_kernel(u.shape[-1]).to(u.dtype)
         y = causal_conv(u, K) + self.D.unsqueeze(-1) * u
         return y.transpose(1, 2)
+
+    def read_carried(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Training's carried read (`SequenceBackend.read_carried`). At the training length, where
+        the parameter C is C~ for it, the outputs are the training kernel's convolution plus the
+        state's echo, both from Cauchy sums (`_tilde_sums`), and the state after the chunk is
+        made without gradients (`_final_state_of`): no differentiated matrix powers, which made
+        a carried read of the general machinery ~9x a fresh one. Other lengths: the default."""
+        L = x.shape[1]
+        if self.l_max is None or L != self.l_max:
+            return super().read_carried(x, state)
+        u = x.transpose(1, 2)  # (B, H, L)
+        z = torch.complex(state[0], state[1]).to(self._params()[1].dtype)
+        S, E = self._tilde_sums(z if bool((z != 0).any()) else None)
+        K = 2 * torch.fft.ifft(S, dim=-1).real
+        y = causal_conv(u, K.to(u.dtype)) + self.D.unsqueeze(-1) * u
+        if E is not None:
+            y = y + 2 * torch.fft.ifft(E, dim=-1).real.to(y.dtype)
+        with torch.no_grad():
+            xL = self._final_state_of(u, state)
+        return y.transpose(1, 2), xL
 
     def forward_with_state(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         u = x.transpose(1, 2)  # (B, H, L)
