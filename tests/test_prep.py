@@ -297,7 +297,7 @@ def test_crash_keeps_old_dataset(small_src, tmp_path, monkeypatch, write_audio):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(prep_mod, "_carry_user_files", boom)  # after the arrays are written
+    monkeypatch.setattr(prep_mod, "carry_user_files", boom)  # after the arrays are written
     with pytest.raises(RuntimeError, match="disk on fire"):
         prepare(small_src, out, jobs=1, force=True, progress=False)
     assert snapshot(out) == before

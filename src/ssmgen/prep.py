@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ssmgen import __version__
-from ssmgen.atomic import WRITE_ERRNOS, pid_alive, remove_stale_temps
+from ssmgen.atomic import WRITE_ERRNOS
 from ssmgen.audio import ENCODINGS, NORMALIZATIONS, decode
 from ssmgen.data import FORMAT, FORMAT_VERSION, is_dataset
 from ssmgen.errors import UserError
@@ -48,6 +48,12 @@ from ssmgen.prep_files import (
     read_tokens,
 )
 from ssmgen.prep_files import skip_entry as _skip
+from ssmgen.prep_swap import (
+    carry_user_files,
+    make_build_dir,
+    recover_interrupted_swap,
+    swap_into_place,
+)
 from ssmgen.progress import progress_bar
 from ssmgen.validate import number
 
@@ -56,7 +62,6 @@ log = logging.getLogger("ssmgen.prep")
 BY_TIME_MAX_FILES = 2  # with this few usable files, each file is split by time instead
 REUSABLE_SKIPS = ("not audio", "too short", "silent", "truncated",
                   "not finite")  # same bytes, same verdict
-_MARKER = ".ssmgen-build"  # marks a build folder as ours, so a stale one may be removed
 
 __all__ = ["prepare", "FORMAT", "FORMAT_VERSION", "SILENT_PEAK"]
 
@@ -70,20 +75,20 @@ def prepare(src, out, *, rate: int = 16000, encoding: str = "mulaw",
     settings = _check_options(rate, encoding, normalization, split, jobs, seed)
     src, out = _check_paths(Path(src), Path(out))
     old = None if force else _open_old(out, settings)
-    build = _make_build_dir(out)
+    build = make_build_dir(out)
     try:
         try:
             manifest = _build(src, build, settings, old, seed, progress, t0)
             del old  # drop handles on the old arrays before they are moved
             shutil.rmtree(build / "work", ignore_errors=True)
-            _carry_user_files(out, build)
+            carry_user_files(out, build)
         except BuildWriteError as e:
             raise _not_written(out, e.why) from None
         except OSError as e:
             if e.errno not in WRITE_ERRNOS:
                 raise
             raise _not_written(out, e.strerror or str(e)) from None
-        _swap_into_place(build, out)
+        swap_into_place(build, out)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -131,7 +136,7 @@ def _check_paths(src: Path, out: Path) -> tuple[Path, Path]:
         raise UserError(f"{out}: is inside the source folder {src}; write the dataset elsewhere")
     if out_real in src_real.parents:
         raise UserError(f"{out}: holds the source folder {src}; write the dataset elsewhere")
-    _recover_interrupted_swap(out)
+    recover_interrupted_swap(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
@@ -146,105 +151,6 @@ def _check_paths(src: Path, out: Path) -> tuple[Path, Path]:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{out}: not writable (no permission to write in {parent})")
     return src, out
-
-
-def _siblings(out: Path, tag: str) -> list[tuple[Path, int]]:
-    """Folders `OUT.<tag>-<pid>` beside OUT, with their pid."""
-    found = []
-    for p in sorted(out.parent.glob(f"{out.name}.{tag}-*")):
-        pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit():
-            found.append((p, int(pid)))
-    return found
-
-
-def _recover_interrupted_swap(out: Path) -> None:
-    """If a prep died between its two renames, put the old dataset back where it was; remove what
-    dead preps left (only folders that are provably ours)."""
-    for p, pid in _siblings(out, "old"):
-        if pid_alive(pid) or not is_dataset(p):
-            continue
-        if not out.exists():
-            p.rename(out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-    for p, pid in _siblings(out, "tmp"):
-        if not pid_alive(pid) and (p / _MARKER).exists():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _make_build_dir(out: Path) -> Path:
-    build = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    try:
-        if (build / _MARKER).exists():
-            shutil.rmtree(build)
-        build.mkdir()
-        (build / _MARKER).write_text("ssmgen prep build folder; safe to delete\n")
-        (build / "work").mkdir()
-    except OSError as e:
-        shutil.rmtree(build, ignore_errors=True)
-        raise UserError(f"{out}: not writable ({e.strerror or e})") from None
-    return build
-
-
-def _ours(out: Path) -> set[str]:
-    """Names in the dataset folder that prep wrote: its manifest and its split arrays."""
-    names = {"manifest.json"} | {f"{s}.npy" for s in SPLITS}
-    try:
-        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        names |= {str(v.get("file")) for v in m.get("splits", {}).values() if isinstance(v, dict)}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return names
-
-
-def _carry_user_files(out: Path, build: Path) -> None:
-    """Hard-link everything in the old dataset that prep did not write (the user's notes, a
-    folder of theirs) into the new build, so the swap keeps it. Links, not moves: until the swap
-    the old dataset keeps every file, so an interruption loses nothing. Where a link is
-    impossible, stop with one line before anything is replaced."""
-    if not is_dataset(out):
-        return
-    remove_stale_temps(out)
-    ours = _ours(out)
-
-    def carry(src: Path, dst: Path, rel: str, top: bool) -> None:
-        for e in sorted(os.scandir(src), key=lambda e: e.name):
-            if top and e.name in ours:
-                continue
-            name, target = f"{rel}{e.name}", dst / e.name
-            try:
-                if e.is_symlink():
-                    os.symlink(os.readlink(e.path), target)
-                elif e.is_dir():
-                    target.mkdir()
-                    carry(Path(e.path), target, f"{name}/", False)
-                    shutil.copystat(e.path, target)
-                elif e.is_file():
-                    os.link(e.path, target)
-                else:
-                    raise OSError(0, "not a regular file, folder or link")
-            except OSError as err:
-                raise UserError(f"{out}: holds {name}, which prep did not write and cannot carry "
-                                f"into the new dataset ({err.strerror or err}); move it out of "
-                                f"{out} and run prep again (nothing was changed)") from None
-
-    carry(out, build, "", True)
-
-
-def _swap_into_place(build: Path, out: Path) -> None:
-    """Rename the finished build to OUT; an existing dataset is renamed away first and deleted
-    only once the new one is in place."""
-    (build / _MARKER).unlink(missing_ok=True)
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            out.rename(old)
-    build.rename(out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
