@@ -55,7 +55,7 @@ def one(preset: str, backend: str, batch: int | None, length: int | None, repeat
     model = SaShiMi(cfg.model).to(device)
     if cfg.train.batch_size == "auto":  # the gpu recipe: as many crops as fit, as train() does
         from ssmgen.model import count_parameters
-        from ssmgen.train import auto_batch
+        from ssmgen.sizing import auto_batch
         cfg.train.batch_size = auto_batch(cfg, count_parameters(model), torch.device(device), 1)
     batch, length = cfg.train.batch_size, cfg.train.sample_len
     amp = amp or cfg.train.amp

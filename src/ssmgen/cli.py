@@ -262,7 +262,7 @@ def train(
     """Train a SaShiMi model on a prepared dataset."""
     from ssmgen.checkpoint import load_checkpoint
     from ssmgen.config import Config, load_config
-    from ssmgen.train import init_model_config
+    from ssmgen.run_config import init_model_config
     from ssmgen.train import train as run_training
     from ssmgen.workspace import newest_dataset
 

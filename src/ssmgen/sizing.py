@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmgen.config import ModelConfig
+from ssmgen.config import AUTO_BATCH_MAX, Config, ModelConfig
 from ssmgen.errors import UserError
 from ssmgen.model import SaShiMi, count_parameters
+from ssmgen.runtime import available_memory
 
 
 def parameter_bound(cfg: ModelConfig) -> int:
@@ -93,3 +94,19 @@ def activation_bytes(cfg: ModelConfig, batch: int, length: int, *, training: boo
         per_position += 40 * cfg.d_model * cfg.expand ** level * cfg.n_layers * rate
         rate /= cfg.pool[level] if level < len(cfg.pool) else 1
     return int(4 * batch * length * per_position / (1 if training else 4))
+
+
+def training_bytes(cfg: Config, parameters: int, batch: int) -> int:
+    """Memory a training step needs: activations for `batch` crops plus weights, gradients and
+    AdamW's two moments."""
+    return activation_bytes(cfg.model, batch, cfg.train.sample_len) + 16 * parameters
+
+
+def auto_batch(cfg: Config, parameters: int, device: torch.device, world: int) -> int:
+    """The global batch for `batch_size: auto`: as many crops per process as fit in 70% of the
+    device's free memory, at most AUTO_BATCH_MAX in all, a multiple of the process count."""
+    have = available_memory(device) or 0
+    per_crop = activation_bytes(cfg.model, 1, cfg.train.sample_len)
+    fit = int((0.7 * have - 16 * parameters) // max(per_crop, 1))
+    per_rank = max(1, min(fit, AUTO_BATCH_MAX // world))
+    return per_rank * world

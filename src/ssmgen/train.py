@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ssmgen.atomic import remove_stale_temps
 from ssmgen.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ssmgen.config import AUTO_BATCH_MAX, RECIPE_MODEL_FIELDS, Config, ModelConfig
+from ssmgen.config import Config
 from ssmgen.data import CropStreams, Dataset
 from ssmgen.ema import WeightAverage
 from ssmgen.errors import UserError
@@ -40,6 +40,7 @@ from ssmgen.evaluate import evaluate_model
 from ssmgen.model import ModelState, SaShiMi, count_parameters
 from ssmgen.optim import Schedule, make_optimizer, sync_schedule
 from ssmgen.progress import progress_bar
+from ssmgen.run_config import init_model_config, resume_config, same_model
 from ssmgen.run_folder import (
     announce,
     append_metrics,
@@ -48,8 +49,8 @@ from ssmgen.run_folder import (
     truncate_metrics,
     write_listening,
 )
-from ssmgen.runtime import available_memory, check_memory, resolve_device
-from ssmgen.sizing import activation_bytes, new_model
+from ssmgen.runtime import check_memory, resolve_device
+from ssmgen.sizing import auto_batch, new_model, training_bytes
 from ssmgen.workspace import is_run, mark_run, new_run
 
 log = logging.getLogger("ssmgen.train")
@@ -65,40 +66,6 @@ class TrainingDiverged(UserError):
 
 def _step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
-
-def training_bytes(cfg: Config, parameters: int, batch: int) -> int:
-    """Memory a training step needs: activations for `batch` crops plus weights, gradients and
-    AdamW's two moments."""
-    return activation_bytes(cfg.model, batch, cfg.train.sample_len) + 16 * parameters
-
-
-def auto_batch(cfg: Config, parameters: int, device: torch.device, world: int) -> int:
-    """The global batch for `batch_size: auto`: as many crops per process as fit in 70% of the
-    device's free memory, at most AUTO_BATCH_MAX in all, a multiple of the process count."""
-    have = available_memory(device) or 0
-    per_crop = activation_bytes(cfg.model, 1, cfg.train.sample_len)
-    fit = int((0.7 * have - 16 * parameters) // max(per_crop, 1))
-    per_rank = max(1, min(fit, AUTO_BATCH_MAX // world))
-    return per_rank * world
-
-
-def resume_config(stored: Config, cfg: Config | None, source: str) -> Config:
-    """The config of a resumed run: the stored one, with the stop limits and device of `cfg`.
-    Any other field `cfg` sets differently is ignored, and said so."""
-    resumed = Config.from_dict(stored.to_dict(), source=source)
-    if cfg is None:
-        return resumed
-    given = Config.from_dict(cfg.to_dict(), source=source)
-    for key in ("max_steps", "max_minutes", "device"):
-        setattr(resumed.train, key, getattr(given.train, key))
-    a, b = resumed.to_dict(), given.to_dict()
-    for section in ("model", "train"):
-        for key in a[section]:
-            if a[section][key] != b[section][key] and key != "seq_len":
-                log.warning("resuming with the run's own %s.%s = %r (not %r)", section, key,
-                            a[section][key], b[section][key])
-    return resumed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,29 +87,6 @@ def train(data: str | Path, cfg: Config | None, out: str | Path | None = None, *
     """
     trainer = Trainer(data, cfg, out, resume=resume, init=init, progress=progress)
     return trainer.run()
-
-
-def init_model_config(init: str | Path) -> tuple[dict, ModelConfig]:
-    """(checkpoint, model config) of the model `--init` names: a checkpoint file, a run folder or
-    a bundled model's name."""
-    from ssmgen.workspace import resolve_model
-
-    ckpt = load_checkpoint(resolve_model(str(init)).path)
-    return ckpt, Config.from_dict(ckpt["config"], source=ckpt["path"]).model
-
-
-def _same_model(given: ModelConfig, init: ModelConfig, where: str) -> None:
-    """UserError naming the first field in which the model to train differs from the `--init`
-    model (its weights could not be loaded, or would mean something else). Dropout is training,
-    not the model: it may change; seq_len and the ordinal maps (a recipe's choice of how the
-    weights are parameterized) follow the weights."""
-    a, b = dataclasses.asdict(given), dataclasses.asdict(init)
-    a["backend_options"], b["backend_options"] = given.options(), init.options()
-    for key in a:
-        if key not in ("seq_len", "dropout", *RECIPE_MODEL_FIELDS) and a[key] != b[key]:
-            raise UserError(f"--init {where}: its model has {key} = {b[key]!r}, the preset asks "
-                            f"for {a[key]!r}; fine-tuning needs the same model (leave out "
-                            "--preset/--backend to take the model's own)")
 
 
 class Trainer:
@@ -179,7 +123,7 @@ class Trainer:
         self.init = None
         if init is not None:
             self.init, init_model = init_model_config(init)
-            _same_model(cfg.model, init_model, self.init["path"])
+            same_model(cfg.model, init_model, self.init["path"])
             # the weights' parameterization (S4's C~ is for the length it was trained at)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 init_model, dropout=cfg.model.dropout))
