@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ssmgen"
 #: Layer of each module, highest first: cli > commands > model services > model > backends and
 #: configuration > utilities. A module may import from its own layer or any layer below.
 LAYERS = {
-    "cli": 6, "__main__": 6,
+    "cli": 6, "__main__": 6, "cli_tables": 6,
     "prep": 5, "train": 5, "run_folder": 5, "evaluate": 5, "report": 5, "export": 5, "doctor": 5,
     "generate.continuation": 5, "generate.page": 5,
     "checkpoint": 4, "optim": 4, "sizing": 4, "run_config": 4, "generate.engines": 4,

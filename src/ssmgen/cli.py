@@ -19,7 +19,6 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ssmgen import __version__
 from ssmgen.errors import UserError
@@ -145,6 +144,7 @@ def prep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
 ) -> None:
     """Turn a folder of audio into a dataset (16 kHz mono 8-bit, split by file)."""
+    from ssmgen.cli_tables import prep_summary
     from ssmgen.prep import prepare
     from ssmgen.workspace import dataset_for
 
@@ -153,36 +153,10 @@ def prep(
     manifest = prepare(src, out_dir, rate=rate, encoding=encoding, normalization=normalize,
                        split=_parse_split(split), seed=seed, jobs=jobs, force=force,
                        progress=not quiet)
-    _print_prep_summary(manifest, out_dir)
-
-
-def _print_prep_summary(manifest: dict, out_dir: Path) -> None:
-    table = Table(title=f"dataset {one_line(str(out_dir))}", show_edge=False)
-    table.add_column("split")
-    table.add_column("files", justify="right")
-    table.add_column("hours", justify="right")
-    table.add_column("level dBFS", justify="right")
-    table.add_column("silence", justify="right")
-    table.add_column("clipped", justify="right")
-    for name, s in manifest["splits"].items():
-        table.add_row(name, str(s["files"]), f"{s['hours']:.3f}",
-                      _fmt(s.get("rms_dbfs"), "{:.1f}"), _fmt(s.get("silence_share"), "{:.1%}"),
-                      _fmt(s.get("clipped_share"), "{:.3%}"))
+    table, line = prep_summary(manifest, out_dir)
     out.print(table)
-    skipped = manifest.get("skipped", [])
-    reasons: dict[str, int] = {}
-    for s in skipped:
-        reasons[s["reason_kind"]] = reasons.get(s["reason_kind"], 0) + 1
-    kept = len(manifest["files"])
-    line = f"kept {kept} file(s)"
-    if reasons:
-        line += "; skipped " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items()))
     out.print(line, highlight=False)
     # manifest["warnings"] were already shown: prep logs each one as it finds it
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else spec.format(v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,36 +169,14 @@ def presets(
                                                             "into ./presets/ and edit)."),
 ) -> None:
     """List the presets with their parameter counts per backend, or print one."""
-    from ssmgen import backends
-    from ssmgen.config import USER_PRESETS, crops_text, load_config, preset_names, preset_text
-    from ssmgen.model import SaShiMi, count_parameters
+    from ssmgen.config import preset_text
 
     if show is not None:
         print(preset_text(show), end="")
         return
-    names = backends.available()
-    table = Table(show_edge=False)
-    table.add_column("preset")
-    for b in names:
-        table.add_column(f"params ({b})", justify="right")
-    table.add_column("shape")
-    table.add_column("recipe here")
-    own = sorted(p.stem for p in USER_PRESETS.glob("*.yaml")) if USER_PRESETS.is_dir() else []
-    for p in sorted(set(preset_names()) | set(own)):
-        counts = []
-        for b in names:
-            try:
-                model = SaShiMi(load_config(p, backend=b).model)
-                counts.append(f"{count_parameters(model, folded=True):,}")
-            except Exception as e:  # a broken plug-in must not hide the other rows
-                counts.append(f"({type(e).__name__})")
-        cfg = load_config(p)
-        m, t = cfg.model, cfg.train
-        table.add_row(f"{p} (./presets)" if p in own else p, *counts,
-                      f"d_model {m.d_model}, {m.n_layers} layers/tier, pool {m.pool}",
-                      f"{cfg.recipe}: {crops_text(t.batch_size, t.sample_len, t.carry_crops)}, "
-                      f"lr {t.lr:g}")
-    out.print(table)
+    from ssmgen.cli_tables import presets_table
+
+    out.print(presets_table())
 
 
 #: Options that would change a run's settings; a resumed run keeps its own.
