@@ -24,7 +24,7 @@ LAYERS = {
     "model": 3,
     "backends": 2, "backends.base": 2, "backends.s4": 2, "backends.s4d": 2, "backends.mamba": 2,
     "backends.cauchy": 2, "backends.selective_scan": 2, "backends.selective_scan_cpu": 2,
-    "backends.fftconv": 2, "prior": 2, "ordinal": 2,
+    "backends.fftconv": 2, "backends.matpow": 2, "prior": 2, "ordinal": 2,
     "config": 2, "workspace": 2, "prep_files": 2, "prep_swap": 2, "testing": 2,
     "data": 1, "audio": 1, "atomic": 1, "validate": 1, "runtime": 1, "progress": 1,
     "vecmath": 1, "simd": 1, "param_cache": 1, "listen": 1, "classical": 1, "ema": 1,

@@ -41,6 +41,7 @@ stepping). Everything below is exact for any length L:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
 from ssmgen.backends.cauchy import cauchy
 from ssmgen.backends.fftconv import causal_conv
+from ssmgen.backends.matpow import hi_dtype, horner, krylov, matpow, powers
 
 # ------------------------------------------------------------------------------------------------
 # Initialization
@@ -98,59 +100,6 @@ def _roots(T: int, cdtype: torch.dtype, device) -> Tensor:
     return torch.polar(torch.ones_like(k), -2 * math.pi * k / T).to(cdtype)
 
 
-def _hi(device) -> torch.dtype:
-    """The dtype of the dense N x N work: float64 (float32 on MPS, which has no float64)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-def _flush(M: Tensor) -> Tensor:
-    """Zero entries below sqrt(smallest normal): powers of a contraction decay towards subnormal
-    numbers, which make CPU matmuls ~100x slower (seconds for 64 x 64 blocks); the products of
-    the kept entries stay normal. The dropped entries are < 1e-150 (float64), far below rounding."""
-    return torch.where(M.abs() < math.sqrt(torch.finfo(M.dtype).tiny), 0.0, M)
-
-
-def _powers(M: Tensor, n: int) -> list[Tensor]:
-    """[M, M^2, M^4, ...] up to the highest power of two <= n."""
-    sq = [M]
-    while 2 ** len(sq) <= n:
-        sq.append(_flush(sq[-1] @ sq[-1]))
-    return sq
-
-
-def _matpow(sq: list[Tensor], n: int) -> Tensor:
-    out = None
-    for k, Mk in enumerate(sq):
-        if n >> k & 1:
-            out = Mk if out is None else _flush(out @ Mk)
-    if out is None:
-        out = torch.eye(sq[0].shape[-1], dtype=sq[0].dtype, device=sq[0].device).expand_as(sq[0])
-    return out
-
-
-def _krylov(M: Tensor, V: Tensor, n: int) -> Tensor:
-    """[M^k V for k < n] as (H, d, n, c) for M (H, d, d), V (H, d, c): doubling, log n matmuls
-    with the powers side by side in the columns (no broadcast copies of M)."""
-    c = V.shape[-1]
-    out, Mk = _flush(V), M
-    while out.shape[-1] < n * c:
-        out = torch.cat([out, _flush(Mk @ out)], -1)
-        Mk = _flush(Mk @ Mk)
-    return out[..., : n * c].unflatten(-1, (n, c))
-
-
-def _horner(M: Tensor, S: Tensor) -> Tensor:
-    """sum_b M^(n-1-b) S[:, :, b] for S (H, d, n, c): a pairwise tree, log n matmuls."""
-    n = S.shape[2]
-    m = 1 << max(0, (n - 1).bit_length())
-    S = torch.cat([S.new_zeros(S.shape[:2] + (m - n,) + S.shape[3:]), S], 2)  # zeros first: no-op
-    Mk = M
-    while S.shape[2] > 1:
-        S = (Mk @ S[:, :, 0::2].flatten(2)).unflatten(-1, (-1, S.shape[3])) + S[:, :, 1::2]
-        S, Mk = _flush(S), _flush(Mk @ Mk)
-    return S[:, :, 0]
-
-
 def _lowrank(a: Tensor, P: Tensor) -> Tensor:
     """a @ P for a (..., R), P (R, n); a broadcast product when R = 1 (faster than a K=1 matmul)."""
     return a * P[0] if P.shape[0] == 1 else a @ P
@@ -159,6 +108,20 @@ def _lowrank(a: Tensor, P: Tensor) -> Tensor:
 def _matvec(M: Tensor, v: Tensor) -> Tensor:
     """(H, n, n) @ (..., H, n) -> (..., H, n)."""
     return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+class _Woodbury(NamedTuple):
+    """What one Cauchy pass (`S4._cauchy`) leaves for the state maps and the echo: the
+    reciprocals q (only when kept), 1 + zeta, the Woodbury core and coefficients, the raw
+    (stored-half) sums P^* Q P and ct Q P, and the sums of the extra columns."""
+
+    q: Tensor | None
+    z1: Tensor
+    Kinv: Tensor
+    coef: Tensor
+    Mraw: Tensor
+    sCP: Tensor
+    extra: Tensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,10 +192,10 @@ class S4(ComplexModeState, SequenceBackend):
     def _true_c(self) -> Tensor:
         """C (H, N/2) complex128 from C~: C (I - dA^l) = C~ on the real form, rows
         g (I - A^l) = g~, solved in float64."""
-        hi = _hi(self.log_dt.device)
+        hi = hi_dtype(self.log_dt.device)
         C = self._params(hi)[4]
         Ahat = self.transition_matrix(self._dynamics(hi))
-        Al = _matpow(_powers(Ahat, self.l_max), self.l_max)
+        Al = matpow(powers(Ahat, self.l_max), self.l_max)
         eye = torch.eye(Al.shape[-1], dtype=hi, device=Al.device)
         N2 = self.d_state // 2
         gt = torch.cat([2 * C.real, -2 * C.imag], -1)
@@ -323,14 +286,16 @@ class S4(ComplexModeState, SequenceBackend):
         T = L if L <= cap else cap
         return T, -(-L // T)
 
-    def _cauchy(self, T: int, ct: Tensor, keep_q: bool = False):
+    def _cauchy(self, T: int, ct: Tensor, keep_q: bool = False, extra: Tensor | None = None):
         """Cauchy sums at zeta_k = exp(-2 pi i k/T), k < T, over the stored half of the modes.
 
         With q_n = 1/Delta_n (H, T, N/2) one batched matmul gives every sum the Woodbury form
-        needs: P^* Q P (full), P^* Q B (full), and per row b of ct (H, nb, N/2): ct Q B, ct Q P.
+        needs: P^* Q P (full), P^* Q B (full), and per row b of ct (H, nb, N/2): ct Q B, ct Q P;
+        and the sums of any `extra` columns (H, J, N/2) in the same pass.
         Returns (S, parts): S (H, nb, T) = ct_b (I - zeta dA)^-1 dB summed over the half modes
-        (the kernel is 2 Re ifft S), parts = (q, z1, Kinv, coef) for `_state_maps`: q only with
-        `keep_q`; otherwise the sums come from `cauchy` (compiled on CPU) and q is never built.
+        (the kernel is 2 Re ifft S), parts a `_Woodbury` (for `_state_maps` and `_tilde_sums`):
+        q only with `keep_q`; otherwise the sums come from `cauchy` (compiled on CPU) and q is
+        never built.
         """
         dt, lam, P, B, _ = self._params()
         R, nb = P.shape[0], ct.shape[1]
@@ -340,27 +305,29 @@ class S4(ComplexModeState, SequenceBackend):
         Pc = P.conj()
         H = a.shape[0]
         cols = torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)  # (R*R+R, n)
-        cols = torch.cat([cols.expand(H, -1, -1), ct * B, (ct[:, :, None, :] * P).flatten(1, 2)], 1)
+        cols = [cols.expand(H, -1, -1), ct * B, (ct[:, :, None, :] * P).flatten(1, 2)]
+        cols = torch.cat(cols if extra is None else [*cols, extra], 1)
         if keep_q:  # the state maps need the (H, T, N/2) reciprocals themselves
             q = 1 / (a.unsqueeze(-1) - b)
-            sums = q @ cols.transpose(1, 2)  # (H, T, R*R + R + nb + nb*R)
+            sums = q @ cols.transpose(1, 2)  # (H, T, R*R + R + nb + nb*R [+ J])
         else:
             q, sums = None, cauchy(a, b, cols)
-        Mpp = _full(sums[..., : R * R]).unflatten(-1, (R, R))
+        o = R * R + R + nb + nb * R  # where the extra columns' sums start
+        Mraw = sums[..., : R * R].unflatten(-1, (R, R))  # [s, r]: sum q Pc_s P_r, stored half
         sPB = _full(sums[..., R * R: R * R + R])
         sCB = sums[..., R * R + R: R * R + R + nb].transpose(1, 2)  # (H, nb, T)
-        sCP = sums[..., R * R + R + nb:].unflatten(-1, (nb, R)).transpose(1, 2)  # (H, nb, T, R)
+        sCP = sums[..., R * R + R + nb: o].unflatten(-1, (nb, R)).transpose(1, 2)  # (H, nb, T, R)
         eye = torch.eye(R, dtype=sums.dtype, device=sums.device)
-        Kinv = _inv(eye + z1[..., None] * Mpp)  # Woodbury core (H, T, R, R)
+        Kinv = _inv(eye + z1[..., None] * _full(Mraw))  # Woodbury core (H, T, R, R)
         coef = z1 * torch.einsum("htrs,hts->htr", Kinv, sPB)  # (H, T, R)
         S = 2 * (sCB - (sCP * coef.unsqueeze(1)).sum(-1))
-        return S, (q, z1, Kinv, coef)
+        return S, _Woodbury(q, z1, Kinv, coef, Mraw, sCP, sums[..., o:])
 
     def _state_maps(self, ct0: Tensor, parts, echo: bool) -> tuple[Tensor, Tensor | None]:
         """The resolvent vectors X = (I - zeta dA)^-1 dB and (if `echo`), for the row ct0 (H, N/2),
         the echo rows ct0~ (I - zeta dA)^-1 dA = ct0~ W M2, both (H, T, N/2) (half modes)."""
         dt, lam, P, B, _ = self._params()
-        q, z1, Kinv, coef = parts
+        q, z1, Kinv, coef = parts.q, parts.z1, parts.Kinv, parts.coef
         Pc = P.conj()
         X = 2 * q * (B - _lowrank(coef, P))
         if not echo:
@@ -375,7 +342,7 @@ class S4(ComplexModeState, SequenceBackend):
         """C~_b = C dA^(bT) (I - dA^T) for b < nb: as real rows gt (H, nb, N) acting on rho(x)
         (y = gt . rho(x)) and as complex half-mode rows ct (H, nb, N/2) (y = 2 Re(ct x))."""
         g = torch.cat([2 * C.real, -2 * C.imag], -1).unsqueeze(-1)  # (H, N, 1)
-        gam = _krylov(AT.transpose(1, 2), g, nb)[..., 0].transpose(1, 2)  # (H, nb, N)
+        gam = krylov(AT.transpose(1, 2), g, nb)[..., 0].transpose(1, 2)  # (H, nb, N)
         gt = gam - gam @ AT
         N2 = self.d_state // 2
         return gt, torch.complex(gt[..., :N2], -gt[..., N2:]) / 2
@@ -384,10 +351,10 @@ class S4(ComplexModeState, SequenceBackend):
         """The dense N x N work (dA, its powers, C~) runs in float64 whatever the parameters'
         dtype: it is tiny, and dA^T's sensitivity grows with T (float32 lost 1e-4 at T = 4096)."""
         T, nb = self._plan(L)
-        hi = _hi(self.log_dt.device)
+        hi = hi_dtype(self.log_dt.device)
         Ahat = self.transition_matrix(self._dynamics(hi))
-        sq = _powers(Ahat, T)
-        AT = _matpow(sq, T)
+        sq = powers(Ahat, T)
+        AT = matpow(sq, T)
         gt, ct = self._rows(self.ssm(hi)[4], AT, nb)
         ct = ct.to(self._params()[1].dtype)
         if not with_state:  # S4's kernel: Cauchy sums of C~_b against the Woodbury resolvent
@@ -413,48 +380,33 @@ class S4(ComplexModeState, SequenceBackend):
     def tilde_kernel(self) -> Tensor:
         """K (H, l_max) straight from the parameter C~: the Cauchy sums at the l_max-th roots of
         unity and one inverse FFT (the fast path of training; `_kernel_parts` is its reference)."""
-        S, _ = self._cauchy(self.l_max, self._params()[4][:, None, :])
-        return 2 * torch.fft.ifft(S[:, 0], dim=-1).real
+        return 2 * torch.fft.ifft(self._tilde_sums(None)[0], dim=-1).real
 
     def _tilde_sums(self, z: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """At the l_max-th roots of unity, from the parameter C~ = C (I - dA^l_max): S (H, l_max),
         whose inverse FFT is the training kernel (as `tilde_kernel`), and, for an initial state z
         (B, H, N/2) (half modes), the spectrum E (B, H, l_max) of its echo 2 Re(C dA^(t+1) z),
         t < l_max. E = C~ (I - zeta dA)^-1 dA z (the truncated generating function): the echo
-        rows of `_state_maps` contracted with z before they are formed, so every sum, z's
-        included, comes from one compiled Cauchy pass and no matrix power is differentiated."""
-        dt, lam, P, B, ct = self._params()
-        R, T, H = P.shape[0], self.l_max, dt.shape[0]
-        zeta = _roots(T, lam.dtype, lam.device)
-        z1 = (1 + zeta)[:, None]  # (T, 1)
-        a, b = (2 / dt)[:, None] * (1 - zeta), z1 * lam
-        Pc = P.conj()
-        cols = [torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)
-                .expand(H, -1, -1), (ct * B)[:, None], ct[:, None, :] * P]
-        nz = 0
-        if z is not None:
-            w = (((2 / dt)[:, None] + lam) * z).transpose(0, 1)  # (2/dt + Lambda) z (H, B, N/2)
-            nz = w.shape[1]
-            cols += [ct[:, None, :] * w, (Pc[None, :, None, :] * w[:, None]).flatten(1, 2)]
-        sums = cauchy(a, b, torch.cat(cols, 1))  # (H, T, J)
-        Mraw = sums[..., : R * R].unflatten(-1, (R, R))  # [s, r]: sum q Pc_s P_r (stored half)
-        sPB = _full(sums[..., R * R: R * R + R])
-        sCB = sums[..., R * R + R]
-        sCP = sums[..., R * R + R + 1: R * R + 2 * R + 1]  # (H, T, R), stored half
-        eye = torch.eye(R, dtype=sums.dtype, device=sums.device)
-        Kinv = _inv(eye + z1[..., None] * _full(Mraw))  # Woodbury core (H, T, R, R)
-        coef = z1 * torch.einsum("htrs,hts->htr", Kinv, sPB)
-        S = 2 * (sCB - (sCP * coef).sum(-1))
+        rows of `_state_maps` contracted with z before they are formed, so z's sums are 1 + R
+        more columns per batch row of the kernel's own Cauchy pass, and no matrix power is
+        differentiated."""
+        dt, lam, P, _, ct = self._params()
         if z is None:
-            return S, None
-        o = R * R + 2 * R + 1
-        sCW = sums[..., o: o + nz]  # sum q C~ w_b (H, T, B)
-        sPW = sums[..., o + nz:].unflatten(-1, (R, nz))  # sum q Pc_s w_b (H, T, R, B)
-        rho = z1 * torch.einsum("htr,htrs->hts", _full(sCP), Kinv)
-        sRP = _full(sCP - torch.einsum("hts,htsr->htr", rho, Mraw))  # the echo rows against P
+            return self._cauchy(self.l_max, ct[:, None, :])[0][:, 0], None
+        z = z.to(lam.dtype)
+        Pc = P.conj()
+        w = (((2 / dt)[:, None] + lam) * z).transpose(0, 1)  # (2/dt + Lambda) z (H, B, N/2)
+        nz = w.shape[1]
+        extra = [ct[:, None, :] * w, (Pc[None, :, None, :] * w[:, None]).flatten(1, 2)]
+        S, wb = self._cauchy(self.l_max, ct[:, None, :], extra=torch.cat(extra, 1))
+        sCP = wb.sCP[:, 0]  # sum q C~ P_r (H, T, R), stored half
+        sCW = wb.extra[..., :nz]  # sum q C~ w_b (H, T, B)
+        sPW = wb.extra[..., nz:].unflatten(-1, (-1, nz))  # sum q Pc_s w_b (H, T, R, B)
+        rho = wb.z1 * torch.einsum("htr,htrs->hts", _full(sCP), wb.Kinv)
+        sRP = _full(sCP - torch.einsum("hts,htsr->htr", rho, wb.Mraw))  # the echo rows against P
         pz = torch.einsum("rn,bhn->hrb", Pc, z)
         E = sCW - torch.einsum("hts,htsb->htb", rho, sPW) - torch.einsum("htr,hrb->htb", sRP, pz)
-        return S, E.permute(2, 0, 1)
+        return S[:, 0], E.permute(2, 0, 1)
 
     def _final_state_of(self, u: Tensor, state: State) -> State:
         """The state after u (B, H, L) from `state`, one block of T = L (no gradients wanted):
@@ -463,8 +415,8 @@ class S4(ComplexModeState, SequenceBackend):
         float64. Neither the true C nor the kernel is needed."""
         Bt, H, L = u.shape
         N2 = self.d_state // 2
-        hi = _hi(self.log_dt.device)
-        AL = _matpow(_powers(self.transition_matrix(self._dynamics(hi)), L), L)
+        hi = hi_dtype(self.log_dt.device)
+        AL = matpow(powers(self.transition_matrix(self._dynamics(hi)), L), L)
         _, parts = self._cauchy(L, self._params()[4][:, None, :], keep_q=True)
         X, _ = self._state_maps(None, parts, echo=False)
         f = torch.view_as_real(torch.fft.ifft(X, dim=1)).flatten(2)  # (H, T, N) pairs interleaved
@@ -491,7 +443,7 @@ class S4(ComplexModeState, SequenceBackend):
         if self.l_max is None or L != self.l_max:
             return super().read_carried(x, state)
         u = x.transpose(1, 2)  # (B, H, L)
-        z = torch.complex(state[0], state[1]).to(self._params()[1].dtype)
+        z = torch.complex(state[0], state[1])
         S, E = self._tilde_sums(z if bool((z != 0).any()) else None)
         K = 2 * torch.fft.ifft(S, dim=-1).real
         y = causal_conv(u, K.to(u.dtype)) + self.D.unsqueeze(-1) * u
@@ -512,7 +464,7 @@ class S4(ComplexModeState, SequenceBackend):
                                                       slot=f"parts:{L}:{int(echo)}")
         y = causal_conv(u, K.to(u.dtype)) + self.D.unsqueeze(-1) * u
         # Echo of the initial state: y_(bT+t) += 2 Re(g_t . dA^(bT) x0), g_t = C dA^(t+1).
-        Z = _krylov(AT, x0.to(AT.dtype), nb)  # dA^(bT) x0 (H, N, nb, B)
+        Z = krylov(AT, x0.to(AT.dtype), nb)  # dA^(bT) x0 (H, N, nb, B)
         if echo:
             g = torch.fft.ifft(Grow, dim=1)  # (H, T, N/2)
             # 2 Re(g z) = [g_re, g_im] . [2 z_re, -2 z_im], pairs interleaved: a view of g.
@@ -526,6 +478,6 @@ class S4(ComplexModeState, SequenceBackend):
         s = torch.einsum("htj,bhkt->hjkb", f, up)  # interleaved pairs
         s = s.unflatten(1, (N2, 2)).transpose(1, 2).flatten(1, 2).to(AT.dtype)  # (H, N, nb, B)
         s = s - (AT @ s.flatten(2)).view_as(s)
-        xL = _matpow(sq, L - (nb - 1) * T) @ Z[:, :, -1] + _horner(AT, s)  # (H, N, B)
+        xL = matpow(sq, L - (nb - 1) * T) @ Z[:, :, -1] + horner(AT, s)  # (H, N, B)
         xL = xL.permute(2, 0, 1).to(u.dtype)
         return y.transpose(1, 2), (xL[..., :N2].contiguous(), xL[..., N2:].contiguous())
