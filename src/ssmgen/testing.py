@@ -120,46 +120,43 @@ def check_carried_read(layer: SequenceBackend, x: torch.Tensor, start: State,
     """`read_carried` (how training with carried states reads a chunk) gives
     `forward_with_state`'s outputs and their gradients for every parameter and the input, and
     its final state, detached."""
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    got = []
-    for read in (layer.read_carried, layer.forward_with_state):
-        xi = x.clone().requires_grad_()
-        y, s = read(xi, start)
-        d = torch.autograd.grad((y * w).sum(), [xi, *params], allow_unused=True)
-        got.append((y.detach(), s, [torch.zeros_like(v) if e is None else e
-                                    for e, v in zip(d, [xi, *params])]))
-    (y1, s1, d1), (y2, s2, d2) = got
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    y1, s1, d1 = _run_with_grads(layer, layer.read_carried, x, start, w)
+    y2, s2, d2 = _run_with_grads(layer, layer.forward_with_state, x, start, w)
     assert not any(v.requires_grad for v in s1), "read_carried: the state after it has gradients"
     _close(y1, y2, "read_carried's outputs against forward_with_state's", atol, rtol)
     _states_close(s1, tuple(v.detach() for v in s2),
                   "read_carried's state against forward_with_state's", atol, rtol)
-    names = ["the input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
-    for name, a, b in zip(names, d1, d2):
-        _close(a, b, f"gradient of {name} through read_carried against forward_with_state",
-               atol, rtol)
+    _grads_close(layer, d1, d2, "through read_carried against forward_with_state", atol, rtol)
 
 
 def _check_gradients(layer: SequenceBackend, x: torch.Tensor, start: State, atol: float,
                      rtol: float) -> None:
     """A chunk read from a non-zero state (how training with carried states runs it) must give
-    stepping's gradients, for every parameter and the input."""
+    stepping's gradients, for every parameter and the input (through its outputs and state)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(x.shape, generator=g, dtype=x.dtype)
     ws = [torch.randn(s.shape, generator=g, dtype=s.dtype) for s in start]
-    params = [p for p in layer.parameters() if p.requires_grad]
+    read = _run_with_grads(layer, layer.forward_with_state, x, start, w, ws)[2]
+    stepped = _run_with_grads(layer, lambda xi, s: step_through(layer, xi, s), x, start, w, ws)[2]
+    _grads_close(layer, read, stepped, "through a chunk read from a state against stepping",
+                 atol, rtol)
 
-    def grads(run) -> list[torch.Tensor]:
-        xi = x.clone().requires_grad_()
-        y, s = run(xi)
-        loss = (y * w).sum() + sum((a * b).sum() for a, b in zip(s, ws))
-        got = torch.autograd.grad(loss, [xi, *params], allow_unused=True)
-        return [torch.zeros_like(v) if d is None else d for d, v in zip(got, [xi, *params])]
 
-    read = grads(lambda xi: layer.forward_with_state(xi, start))
-    stepped = grads(lambda xi: step_through(layer, xi, start))
+def _run_with_grads(layer: SequenceBackend, read: Callable, x: torch.Tensor, start: State,
+                    w: torch.Tensor, ws: list[torch.Tensor] | None = None):
+    """(outputs, state, gradients of the input and every parameter) of read(x, start) under the
+    loss sum(y w) (+ sum(state ws) when `ws` is given); an unused parameter's gradient is 0."""
+    xi = x.clone().requires_grad_()
+    wrt = [xi, *(p for p in layer.parameters() if p.requires_grad)]
+    y, s = read(xi, start)
+    loss = (y * w).sum() + (sum((a * b).sum() for a, b in zip(s, ws)) if ws else 0)
+    got = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return y.detach(), s, [torch.zeros_like(v) if d is None else d for d, v in zip(got, wrt)]
+
+
+def _grads_close(layer: SequenceBackend, a: list, b: list, what: str, atol: float,
+                 rtol: float) -> None:
     names = ["the input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
-    for name, a, b in zip(names, read, stepped):
-        _close(a, b, f"gradient of {name} through a chunk read from a state against stepping",
-               atol, rtol)
+    for name, u, v in zip(names, a, b):
+        _close(u, v, f"gradient of {name} {what}", atol, rtol)
