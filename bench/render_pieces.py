@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--chorales", type=int, default=70, help="how many more chorales")
     args = ap.parse_args()
+    if not 0 <= args.chorales <= 1000:
+        ap.error(f"--chorales {args.chorales}: expected 0 to 1000")
     known = {pid for _, pid, _, _ in load_renderer(args.shared).PIECES}
     jobs = [(name, pid, "piano", bpm) for name, pid, bpm in KEYBOARD]
     for i, pid in enumerate(chorales(known, args.chorales)):
@@ -99,6 +101,10 @@ def main() -> None:
 def render_one(shared: Path, name: str, pid: str, kind: str, bpm: int, out: Path) -> float | None:
     """Render one piece in a child process with its own temporary folder and process group,
     stopped after TIMEOUT_S; its length in seconds, or None (said on stdout) when it failed."""
+    partial = Path(str(out) + ".tmp.flac")  # where the renderer writes before its rename
+    if partial.exists():  # not ours to overwrite or remove
+        print(f"{pid}: skipped ({partial} exists)", flush=True)
+        return None
     tmp = Path(tempfile.mkdtemp(prefix="render-"))
     cmd = [sys.executable, __file__, "--one", name, pid, kind, str(bpm), "--out", str(out),
            "--shared", str(shared)]
@@ -115,7 +121,7 @@ def render_one(shared: Path, name: str, pid: str, kind: str, bpm: int, out: Path
     if proc.returncode != 0 or not out.exists():
         why = (stderr.strip().splitlines() or ["failed"])[-1]
         print(f"{pid}: skipped ({why})", flush=True)
-        Path(str(out) + ".tmp.flac").unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # a render of ours that died half way
         return None
     return float(stdout.strip().splitlines()[-1])
 
