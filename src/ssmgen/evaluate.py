@@ -11,6 +11,7 @@ the model never heard is the honest held-out check.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,30 +28,34 @@ from ssmgen.validate import number
 TOPK = (1, 3, 5, 10)
 
 
-@torch.no_grad()
 def score_files(model: torch.nn.Module, files: Iterable[np.ndarray], length: int, *,
                 total: int, label: str, rate: int, streamed: bool = False,
-                device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+                adapt_lr: float | None = None, device: torch.device | str = "cpu",
+                progress: bool = True) -> dict[str, Any]:
     """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over every position of each file's
     tokens, read in parallel mode in chunks of `length`. Chunked (the paper's protocol): each
     chunk from a fresh state, aligned as a training crop. `streamed`: the state carried from
     chunk to chunk through each file, so a position sees the whole file before it, as `continue`
-    reads a prompt and generates (and as the classical coder adapts)."""
+    reads a prompt and generates (and as the classical coder adapts). `adapt_lr`: streamed, and
+    the model adapts to each file while reading it (`adapt.read_adapting`: each chunk scored
+    before it is learnt from), from its own weights at each file's start and left as it was."""
+    from ssmgen.adapt import adaptation_optimizer, read_adapting, weights_kept
+
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
     hits = dict.fromkeys(TOPK, 0)
-    with progress_bar(progress) as bar:
+    keep = weights_kept(model) if adapt_lr is not None else nullcontext(lambda: None)
+    with progress_bar(progress) as bar, keep as restore:
         task = bar.add_task(label, total=total, unit="samples", rate=rate)
         for tokens in files:
-            state = model.initial_state(1, device=device) if streamed else None
-            for inputs, targets in token_chunks(tokens, length, streamed=streamed):
-                x = torch.from_numpy(inputs).to(device)
-                y = torch.from_numpy(targets).to(device)
-                if streamed:
-                    logits, state = model.forward_with_state(x, state)
-                else:
-                    logits = model(x)
+            if adapt_lr is not None:
+                restore()
+                chunks = read_adapting(model, tokens, length,
+                                       adaptation_optimizer(model, adapt_lr))
+            else:
+                chunks = _read(model, tokens, length, streamed, device)
+            for logits, y in chunks:
                 logits = logits.float()
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                        reduction="sum").item()
@@ -68,20 +73,37 @@ def score_files(model: torch.nn.Module, files: Iterable[np.ndarray], length: int
     return out
 
 
+@torch.no_grad()
+def _read(model: torch.nn.Module, tokens: np.ndarray, length: int, streamed: bool,
+          device: torch.device | str):
+    """Each chunk's (logits, targets) of one file, chunked or streamed (`score_files`)."""
+    state = model.initial_state(1, device=device) if streamed else None
+    for inputs, targets in token_chunks(tokens, length, streamed=streamed):
+        x = torch.from_numpy(inputs).to(device)
+        y = torch.from_numpy(targets).to(device)
+        if streamed:
+            logits, state = model.forward_with_state(x, state)
+        else:
+            logits = model(x)
+        yield logits, y
+
+
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_len: int, *,
                    device: torch.device | str = "cpu", max_samples: int | None = None,
-                   progress: bool = True, streamed: bool = False) -> dict[str, Any]:
+                   progress: bool = True, streamed: bool = False,
+                   adapt_lr: float | None = None) -> dict[str, Any]:
     """{'bpb', 'acc1', 'acc3', 'acc5', 'acc10', 'samples'} over `split` (or `max_samples`
-    positions of it: a prefix of every file, `Dataset.file_tokens`), chunked or
-    `streamed` (`score_files`)."""
+    positions of it: a prefix of every file, `Dataset.file_tokens`), chunked, `streamed` or
+    streamed adapting to each file (`adapt_lr`; `score_files`)."""
     total = dataset.split_samples(split)
     if total == 0:
         raise UserError(f"{dataset.root}: the {split} split is empty")
     if max_samples is not None:
         total = min(total, max_samples)
+    how = " adapting" if adapt_lr is not None else " streamed" if streamed else ""
     return score_files(model, dataset.file_tokens(split, max_samples), chunk_len, total=total,
-                       label=f"eval {split}{' streamed' if streamed else ''}", rate=dataset.rate,
-                       streamed=streamed, device=device, progress=progress)
+                       label=f"eval {split}{how}", rate=dataset.rate, streamed=streamed,
+                       adapt_lr=adapt_lr, device=device, progress=progress)
 
 
 def _run_folder(checkpoint_path: str | Path) -> Path | None:
@@ -106,12 +128,13 @@ def classical_for(dataset: Dataset, split: str, checkpoint_path: str | Path, *,
 
 def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | None = None,
              chunk_len: int | None = None, device: str = "auto", max_samples: int | None = None,
-             progress: bool = True, classical: bool = True,
-             streamed: bool = True) -> dict[str, Any]:
+             progress: bool = True, classical: bool = True, streamed: bool = True,
+             adapt_lr: float | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (file or run folder) on a split of its dataset (or of `data`), in
     chunks of `chunk_len` (default: the training chunk). `streamed`: also score with the state
-    carried through each file (result['streamed'], `score_files`). `classical`: also score the
-    same positions with the classical LPC coder fitted on the dataset's train split
+    carried through each file (result['streamed'], `score_files`). `adapt_lr`: also streamed
+    with the model adapting to each file as it reads it (result['adapted']). `classical`: also
+    score the same positions with the classical LPC coder fitted on the dataset's train split
     (result['classical'])."""
     from ssmgen.checkpoint import load_model
 
@@ -119,6 +142,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
         raise UserError(f"--split {split}: use one of {', '.join(SPLITS)}")
     if max_samples is not None:
         number("--max-samples", max_samples, low=1, integer=True)
+    _check_adapt_lr(adapt_lr)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     if data:
@@ -144,10 +168,22 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
         result["streamed"] = evaluate_model(model, dataset, split, length, device=dev,
                                             max_samples=max_samples, progress=progress,
                                             streamed=True)
+    if adapt_lr is not None:
+        result["adapted"] = evaluate_model(model, dataset, split, length, device=dev,
+                                           max_samples=max_samples, progress=progress,
+                                           streamed=True, adapt_lr=adapt_lr)
+        result["adapted"]["lr"] = adapt_lr
     if classical:
         result["classical"] = classical_for(dataset, split, ckpt["path"],
                                             max_samples=max_samples)
     return result
+
+
+def _check_adapt_lr(lr: float | None) -> None:
+    from ssmgen.adapt import checked_lr
+
+    if lr is not None:
+        checked_lr(lr)
 
 
 def _weighted(results: list[dict]) -> dict[str, Any]:
@@ -161,18 +197,20 @@ def _weighted(results: list[dict]) -> dict[str, Any]:
 
 def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len: int | None = None,
                    device: str = "auto", progress: bool = True, classical: bool = True,
-                   streamed: bool = True) -> dict[str, Any]:
+                   streamed: bool = True, adapt_lr: float | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on audio files (any format, rate and channels), each read exactly as
     training files were (`audio.read_song_tokens`) and scored as an eval split is, in chunks of
     `chunk_len` (default: the training chunk). Returns the overall figures and one entry per file
     under 'files'. `streamed`: also with the state carried through each file (overall and per
-    file under 'streamed'). `classical`: when the checkpoint's dataset is here, the classical LPC
-    coder fitted on its train split scores the same files (result['classical'])."""
+    file under 'streamed'). `adapt_lr`: also adapting to each file as it is read (under
+    'adapted', overall and per file). `classical`: when the checkpoint's dataset is here, the
+    classical LPC coder fitted on its train split scores the same files (result['classical'])."""
     from ssmgen.audio import probe, read_song_tokens
     from ssmgen.checkpoint import load_model
 
     if not files:
         raise UserError("no audio files to evaluate")
+    _check_adapt_lr(adapt_lr)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     fmt = ckpt["data_format"]
@@ -185,17 +223,23 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
     songs = [(str(f), read_song_tokens(f, fmt)) for f in files]
     per_file = []
     for name, tokens in songs:
-        def score(carry: bool) -> dict[str, Any]:
+        def score(carry: bool, lr: float | None = None) -> dict[str, Any]:
+            how = " adapting" if lr is not None else " streamed" if carry else ""
             return score_files(model, [tokens], length, total=len(tokens), rate=rate,
-                               label=f"eval {Path(name).name}{' streamed' if carry else ''}",
-                               streamed=carry, device=dev, progress=progress)
+                               label=f"eval {Path(name).name}{how}", streamed=carry,
+                               adapt_lr=lr, device=dev, progress=progress)
         r = {"file": name, **score(False)}
         if streamed:
             r["streamed"] = score(True)
+        if adapt_lr is not None:
+            r["adapted"] = score(True, adapt_lr)
         per_file.append(r)
     result: dict[str, Any] = {"split": "files", **_weighted(per_file)}
-    if streamed:
-        result["streamed"] = _weighted([r["streamed"] for r in per_file])
+    for how in ("streamed", "adapted"):
+        if how in per_file[0]:
+            result[how] = _weighted([r[how] for r in per_file])
+    if adapt_lr is not None:
+        result["adapted"]["lr"] = adapt_lr
     result.update({"checkpoint": ckpt["path"], "step": int(ckpt.get("step", 0)),
                    "chunk_len": length, "files": per_file})
     data_dir = Path(ckpt.get("dataset") or "")

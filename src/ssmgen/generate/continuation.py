@@ -1,9 +1,11 @@
 """`continue_song()`: any audio file as the prompt, read in parallel, continued by an engine.
 
 The prompt is prepared exactly as training data was (`ssmgen.audio`: mono, the model's rate, the
-dataset's normalization policy applied with the whole song's peak, the dataset's encoding), read
-in one parallel pass (`model.forward_with_state`, once, its state shared by every variation), and
-continued sample by sample by an engine (`engines.py`).
+dataset's normalization policy applied with the whole song's peak, the dataset's encoding), the
+model adapts to it (`ssmgen.adapt`, unless told not to), it is read in one parallel pass
+(`model.forward_with_state`, once, its state shared by every variation), and it is continued
+sample by sample by an engine (`engines.py`). What a request asks for is checked before any work
+starts (`request.py`).
 
 Settings may be lists: every combination of temperature, top-k and top-p, times `num`, is one row
 of ONE batch. Variation j of every setting gets the seed `seed + j` (so settings are compared on
@@ -15,14 +17,12 @@ sidecar that makes it reproducible, and (with several variations) a page to comp
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shlex
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
@@ -30,7 +30,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ssmgen.atomic import check_output
+from ssmgen.adapt import Adaptation, adapt_to
 from ssmgen.audio import (
     atomic_write_text,
     decode,
@@ -43,17 +43,24 @@ from ssmgen.audio import (
 )
 from ssmgen.data import shift_inputs
 from ssmgen.errors import UserError
+from ssmgen.generate.request import (
+    MAX_VARIATIONS,
+    Variation,
+    check_settings,
+    check_size,
+    check_stream,
+    listed,
+    output_base,
+    output_paths,
+    page_paths,
+    sampling_grid,
+)
 from ssmgen.listen import levels, matching_gain, spectrogram_png, warnings_for, waveform_png
 from ssmgen.model import ModelState
-from ssmgen.runtime import check_memory, resolve_device
+from ssmgen.runtime import resolve_device
 from ssmgen.tokens import SILENCE_TOKEN
-from ssmgen.validate import number
 from ssmgen.validate import short_number as short
 
-#: A 16-bit WAV holds at most 4 GiB of samples (its sizes are 32-bit).
-WAV_MAX_BYTES = (1 << 32) - (1 << 16)
-#: Most rows one batch may hold (settings x --num).
-MAX_VARIATIONS = 4096
 #: Samples per piece of a stream (64 ms at 16 kHz), ending on a 16-sample frame boundary.
 STREAM_CHUNK = 1024
 #: Seconds at the end of the prompt whose level the continuation is matched to.
@@ -66,29 +73,6 @@ class StreamClosed(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the reader closed the stream after {seconds:.1f} s of audio")
         self.seconds = seconds
-
-
-@dataclass(frozen=True)
-class Variation:
-    """One row of the batch: its settings and its seed."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    copy: int  # j: the j-th of --num with these settings
-
-
-def sampling_grid(temperature, top_k, top_p, num: int, seed: int) -> list[Variation]:
-    """Every combination of the listed settings (temperatures outermost, then top-k, then top-p),
-    `num` variations each; variation j of every combination has the seed `seed + j`."""
-    return [Variation(float(t), int(k), float(p), int(seed) + j, j)
-            for t, k, p in itertools.product(_listed(temperature), _listed(top_k), _listed(top_p))
-            for j in range(num)]
-
-
-def _listed(v) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 @torch.no_grad()
@@ -157,6 +141,20 @@ def _generate(model, prompt: np.ndarray, n_new: int, sampler, engine: str, num: 
     return tokens, eng.name
 
 
+def _adapt(model, prompt: np.ndarray, crop: int, adapt: Adaptation, bar, rate: int
+           ) -> dict[str, Any]:
+    """Adapt `model` to the prompt in place (`adapt.adapt_to`) with a progress bar; what it did,
+    for the summary and sidecars: passes, rate, crop and each pass's bits per sample."""
+    done = {"passes": adapt.passes, "lr": adapt.lr, "crop": crop, "bits": []}
+    if adapt.passes == 0 or len(prompt) == 0:
+        return done
+    task = bar.add_task("adapting to the prompt", total=adapt.passes * len(prompt),
+                        unit="samples", rate=rate)
+    done["bits"] = adapt_to(model, prompt, crop, adapt,
+                            progress=lambda n: bar.update(task, advance=n))
+    return done
+
+
 @contextmanager
 def single_thread():
     """Per-sample work is hundreds of tiny ops: waking a thread pool for each costs more than the
@@ -176,7 +174,8 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
                   at: float | None = None, out: str | Path | None = None, only_new: bool = False,
                   join: bool = False, match_level: bool | None = None, page: bool | None = None,
                   force: bool = False, engine: str = "auto", device: str = "cpu",
-                  progress: bool = True, stream: BinaryIO | None = None) -> dict[str, Any]:
+                  adapt: Adaptation = Adaptation(), progress: bool = True,
+                  stream: BinaryIO | None = None) -> dict[str, Any]:
     """Continue `song` by `seconds` of new audio with the model in `checkpoint`; write WAV(s) and
     JSON sidecar(s). Returns a summary with the output paths, speed and settings.
 
@@ -185,7 +184,9 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     of the prompt's last 3 s (within +-12 dB). `page` (default: on with several variations):
     OUT.html beside the outputs, with OUT-prompt.wav, to compare them. `out="-"`: stream one
     variation as a WAV to `stream` (default standard output) while it is generated; no sidecar,
-    no page.
+    no page. `adapt`: before generating, the model adapts to the prompt (`adapt.adapt_to`:
+    `adapt.passes` passes over it, none with 0), so that it continues this song rather than the
+    music it was trained on on average.
 
     Only the prompt's span of the song is kept in memory (one streaming pass also measures the
     whole song's peak); every output is checked before any work starts (never an input, never a
@@ -195,8 +196,9 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     from ssmgen.generate.sampling import Sampler
     from ssmgen.progress import progress_bar
 
-    _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join,
+    check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join,
                     seed)
+    adapt.checked()
     rows = sampling_grid(temperature, top_k, top_p, num, seed)
     if len(rows) > MAX_VARIATIONS:
         raise UserError(f"{len(rows)} variations (settings x --num): at most {MAX_VARIATIONS} "
@@ -209,25 +211,27 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     song = Path(song)
     inputs = [song, resolve(checkpoint)]
     if streaming:
-        _check_stream(rows, join, match_level, page)
+        check_stream(rows, join, match_level, page)
         stream = stream if stream is not None else sys.stdout.buffer
         if getattr(stream, "isatty", lambda: False)():
             raise UserError("--out -: standard output is a terminal; pipe it into a player "
                             "(| ffplay -nodisp -) or a file")
         outputs: list[Path] = []
     else:
-        outputs = _output_paths(song, out, rows, force, inputs)
+        outputs = output_paths(song, out, rows, force, inputs)
     page_path = prompt_path = None
     if page:
-        page_path, prompt_path = _page_paths(_base(song, out), force, inputs)
+        page_path, prompt_path = page_paths(output_base(song, out), force, inputs)
     model, ckpt = load_model(checkpoint, resolve_device(device))
     fmt = ckpt["data_format"]
     rate = int(fmt["rate"])
     n_new = int(round(seconds * rate))
     n_prompt = int(round(prompt_seconds * rate))
     B = len(rows)
-    _check_size(model, song, n_new, n_prompt, B, join, only_new, rate,
-                f"--num {num}" if B == num else f"{B} variations (settings x --num {num})")
+    crop = int(ckpt["config"]["train"]["sample_len"])
+    check_size(model, song, n_new, n_prompt, B, join, only_new, rate,
+                f"--num {num}" if B == num else f"{B} variations (settings x --num {num})",
+                adapt_crop=crop if adapt.passes else 0)
     clip = read_song_clip(song, fmt, seconds=prompt_seconds, at=at)
     start, end, gain, song_rate = clip.start, clip.end, clip.gain, clip.info.samplerate
     prompt = encode(clip.audio * gain, fmt["encoding"]).astype(np.int64)
@@ -257,6 +261,8 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
 
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
+        adapted = _adapt(model, prompt, crop, adapt, bar, rate)
+        t_adapt = time.perf_counter() - t0
         task = bar.add_task("continuing", total=n_new, unit="samples", rate=rate)
         sampler = Sampler(temperature=[r.temperature for r in rows],
                           top_k=[r.top_k for r in rows], top_p=[r.top_p for r in rows],
@@ -279,7 +285,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
                "real_time_factor": B * speed / rate, "prompt_seconds": (end - start) / rate,
                "page": str(page_path) if page_path else None,
                "prompt_file": str(prompt_path) if prompt_path else None, "streamed": streaming,
-               "variations": []}
+               "adapt": {**adapted, "elapsed_s": t_adapt}, "variations": []}
     if streaming:
         summary["variations"] = [{"seed": rows[0].seed, "temperature": rows[0].temperature,
                                   "top_k": rows[0].top_k, "top_p": rows[0].top_p}]
@@ -295,9 +301,9 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
               "song": str(song.resolve()), "prompt_start_s": start / rate,
               "prompt_end_s": end / rate, "seconds": seconds, "prompt_seconds": prompt_seconds,
               "num": num, "variations": B, "engine": engine_name, "only_new": only_new,
-              "join": join, "rate": rate, "data_format": fmt, "gain": gain,
-              "grid": {"temperature": _listed(temperature), "top_k": _listed(top_k),
-                       "top_p": _listed(top_p), "num": num, "seed": seed},
+              "join": join, "rate": rate, "data_format": fmt, "gain": gain, "adapt": adapted,
+              "grid": {"temperature": listed(temperature), "top_k": listed(top_k),
+                       "top_p": listed(top_p), "num": num, "seed": seed},
               "page": str(page_path) if page_path else None}
     results, pictures = [], []
     head = None
@@ -328,7 +334,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
                              "prompt": prompt_levels, "continuation": cont_levels,
                              "warnings": warnings_for(prompt_levels, cont_levels)},
                    "reproduce": _reproduce(song, ckpt["path"], row, seconds, prompt_seconds,
-                                           end / rate, only_new, join, match_level)}
+                                           end / rate, only_new, join, match_level, adapt)}
         atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2, allow_nan=False),
                           replace=force, inputs=inputs)
         results.append(sidecar)
@@ -362,7 +368,7 @@ def _silence_stdout(stream) -> None:
 
 def _reproduce(song: Path, checkpoint: str, row: Variation, seconds: float,
                prompt_seconds: float, at: float, only_new: bool, join: bool,
-               match_level: bool) -> str:
+               match_level: bool, adapt: Adaptation) -> str:
     """The command that makes this variation alone, sample for sample (a model that ships with
     ssmgen is named, not located)."""
     from ssmgen.workspace import bundled_models
@@ -376,112 +382,8 @@ def _reproduce(song: Path, checkpoint: str, row: Variation, seconds: float,
     args += ["--only-new"] if only_new else ["--join"] if join else []
     if match_level != join:
         args.append("--match-level" if match_level else "--no-match-level")
+    args += (["--adapt-passes", str(adapt.passes), "--adapt-lr", short(adapt.lr)] if adapt.passes
+             else ["--no-adapt"])
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _check_stream(rows: list[Variation], join: bool, match_level: bool, page: bool) -> None:
-    if len(rows) > 1:
-        raise UserError(f"--out - streams one variation; this asks for {len(rows)} (a list of "
-                        "settings or --num > 1 writes files and a page: give --out FILE.wav)")
-    if join:
-        raise UserError("--out - streams the model's audio (its rate, mono); --join needs a file: "
-                        "give --out FILE.wav")
-    if match_level:
-        raise UserError("--out -: the level match needs the whole continuation before the first "
-                        "sample is sent; drop --match-level or give --out FILE.wav")
-    if page:
-        raise UserError("--out - writes no page; drop --page or give --out FILE.wav")
-
-
-def _check_size(model, song: Path, n_new: int, n_prompt: int, num: int, join: bool,
-                only_new: bool, rate: int, what: str = "") -> None:
-    """Refuse, before allocating, outputs and batches larger than the machine or the WAV format."""
-    from ssmgen.audio import probe
-    from ssmgen.sizing import activation_bytes
-
-    info = probe(song)
-    channels, out_rate = (info.channels, info.samplerate) if join else (1, rate)
-    song_s = info.frames / info.samplerate
-    out_s = n_new / rate + (0 if only_new else song_s if join else min(n_prompt / rate, song_s))
-    wav_bytes = out_s * out_rate * channels * 2
-    if wav_bytes > WAV_MAX_BYTES:
-        raise UserError(f"--seconds {n_new / rate:g}: each output would be "
-                        f"{wav_bytes / 2**30:.1f} GiB, more than a WAV file holds (4 GiB); ask "
-                        "for less")
-    what = what or f"--num {num}"
-    state = sum(v.numel() for v in model.initial_state(1).tensors.values()) * 4
-    need = (num * n_new  # the tokens of every variation
-            + num * state * 4  # the state and the engine's buffers per variation
-            + activation_bytes(model.cfg, 1, min(n_prompt, int(song_s * rate) + 1),
-                               training=False)  # the parallel prompt read (once)
-            + out_s * out_rate * channels * 16)  # one output at a time: float copies and bytes
-    check_memory(need, f"--seconds {n_new / rate:g} x {what}", "ask for fewer seconds, fewer "
-                 "variations or a shorter --prompt-seconds")
-
-
-def _check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new,
-                    join, seed=0) -> None:
-    number("--seconds", seconds, low=0, low_open=True, high=1e7)
-    for name, values, rule in (("--temp", temperature, dict(low=0, high=100)),
-                               ("--top-p", top_p, dict(low=0, low_open=True, high=1)),
-                               ("--top-k", top_k, dict(low=0, high=256, integer=True))):
-        values = _listed(values)
-        if not values:
-            raise UserError(f"{name}: give at least one value")
-        for v in values:
-            number(name, v, **rule)
-        seen = [float(v) for v in values]
-        if len(set(seen)) != len(seen):
-            twice = next(v for v in values if seen.count(float(v)) > 1)
-            raise UserError(f"{name} {','.join(f'{v:g}' for v in values)}: lists {twice:g} "
-                            "twice")
-    number("--num", num, low=1, high=MAX_VARIATIONS, integer=True)
-    number("--prompt-seconds", prompt_seconds, low=0, high=1e6)
-    number("--seed", seed, low=0, high=2**63 - 1, integer=True)
-    if seed + num - 1 > 2**63 - 1:
-        raise UserError(f"--seed {seed}: variation {num} would have seed {seed + num - 1}, past "
-                        f"2^63 - 1; use a smaller seed")
-    if at is not None:
-        number("--at", at, low=0, high=1e8)
-    if only_new and join:
-        raise UserError("--only-new and --join exclude each other")
-
-
-def _base(song: Path, out: str | Path | None) -> Path:
-    base = Path(out) if out else Path(f"{song.stem}-continued.wav")
-    if base.suffix.lower() != ".wav":
-        raise UserError(f"{base}: the output must be a .wav file")
-    return base
-
-
-def _output_paths(song: Path, out: str | Path | None, rows: list[Variation], force: bool,
-                  inputs: list[Path]) -> list[Path]:
-    """The WAV paths (and, beside each, its .json sidecar), all checked against the output rules
-    before any work starts. One variation: OUT.wav; several: OUT-<what differs>.wav, e.g.
-    song-continued-t0.7-2.wav (temperature 0.7, second of --num), song-continued-3.wav."""
-    base = _base(song, out)
-    if len(rows) == 1:
-        paths = [base]
-    else:
-        varied = [len({getattr(r, f) for r in rows}) > 1 for f in ("temperature", "top_k",
-                                                                  "top_p", "copy")]
-        paths = []
-        for r in rows:
-            values = (r.temperature, r.top_k, r.top_p, r.copy + 1)
-            parts = [f"{tag}{short(v)}" for on, tag, v in zip(varied, ("t", "k", "p", ""), values)
-                     if on]
-            paths.append(base.with_name(f"{base.stem}-{'-'.join(parts)}{base.suffix}"))
-    for p in paths:
-        check_output(p, force=force, inputs=inputs)
-        check_output(p.with_suffix(".json"), force=force, inputs=inputs)
-    return paths
-
-
-def _page_paths(base: Path, force: bool, inputs: list[Path]) -> tuple[Path, Path]:
-    """The comparison page OUT.html and the prompt it plays, OUT-prompt.wav, checked like every
-    output."""
-    page = base.with_suffix(".html")
-    prompt = base.with_name(f"{base.stem}-prompt{base.suffix}")
-    for p in (page, prompt):
-        check_output(p, force=force, inputs=inputs)
-    return page, prompt
