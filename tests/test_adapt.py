@@ -11,8 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import make_checkpoint, ssmgen, write_tone
-from ssmgen.adapt import Adaptation, adapt_to, adaptation_optimizer, read_adapting
+from helpers import BACKENDS, make_checkpoint, ssmgen, write_tone
+from ssmgen.adapt import (
+    ADAPT_PASSES,
+    Adaptation,
+    adapt_to,
+    adaptation_optimizer,
+    read_adapting,
+)
 from ssmgen.checkpoint import load_model
 from ssmgen.evaluate import score_files
 from ssmgen.generate.continuation import continue_song
@@ -63,8 +69,9 @@ def test_the_first_crop_is_the_model_as_trained_and_later_ones_are_not(ckpt):
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
 
 
-def test_it_learns_the_song_pass_after_pass(ckpt):
-    model, _ = load_model(ckpt)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_it_learns_the_song_pass_after_pass(tmp_path, backend):
+    model, _ = load_model(make_checkpoint(tmp_path / "m.pt", backend))
     bits = adapt_to(model, _song(2048), 256, Adaptation(passes=3, lr=3e-3))
     assert len(bits) == 3 and all(math.isfinite(b) for b in bits)
     assert bits[2] < bits[1] < bits[0]
@@ -123,9 +130,9 @@ def test_continue_adapts_by_default_records_it_and_never_touches_the_model_file(
     kw = dict(seconds=0.1, prompt_seconds=0.5, progress=False, temperature=1.0, seed=3)
     r = continue_song(song, ckpt, out=tmp_path / "a.wav", engine="torch", **kw)
     side = json.loads((tmp_path / "a.json").read_text())
-    assert side["adapt"]["passes"] == 2 and len(side["adapt"]["bits"]) == 2
+    assert side["adapt"]["passes"] == ADAPT_PASSES and len(side["adapt"]["bits"]) == ADAPT_PASSES
     assert side["adapt"]["crop"] == load_model(ckpt)[1]["config"]["train"]["sample_len"]
-    assert "--adapt-passes 2 --adapt-lr 0.0001" in side["reproduce"]
+    assert f"--adapt-passes {ADAPT_PASSES} --adapt-lr 0.0001" in side["reproduce"]
     assert r["adapt"]["elapsed_s"] > 0
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     # the adapted model continues differently from the model as trained

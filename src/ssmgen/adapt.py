@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 #: Adam's step size while adapting (a twentieth of the cpu recipe's training rate).
 ADAPT_LR = 1e-4
-#: Passes `continue` makes over its prompt before generating.
-ADAPT_PASSES = 2
+#: Passes `continue` makes over its prompt before generating (one: it then takes about as long as
+#: the default 8 s prompt plays, so a stream does not wait for it).
+ADAPT_PASSES = 1
 #: Adam's moment decays while adapting: a short memory, since a song is a few hundred steps.
 ADAPT_BETAS = (0.9, 0.99)
 

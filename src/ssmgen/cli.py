@@ -416,6 +416,11 @@ def continue_(
     speed = (f"{r['seconds_new'] * max(1, len(r['outputs'])):.1f} s of new audio in "
              f"{r['elapsed_s']:.1f} s including the prompt read and any first-run compile; "
              f"generation ran at {r['real_time_factor']:.2f}x real time (engine {r['engine']})")
+    a = r["adapt"]
+    if a["bits"]:
+        passes = f"{a['passes']} pass{'es' if a['passes'] > 1 else ''}"
+        speed += (f"; adapting to the prompt took {a['elapsed_s']:.1f} s ({passes}, "
+                  f"{' -> '.join(f'{b:.2f}' for b in a['bits'])} bits per sample)")
     if streaming:  # standard output is the audio: everything else goes to stderr
         v = r["variations"][0]
         _say(f"streamed {r['prompt_seconds']:.2f} s of prompt and {speed}; seed {v['seed']}, "
