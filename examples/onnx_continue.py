@@ -8,8 +8,9 @@ ssmgen: everything needed is in the .onnx file's metadata.
 The audio is prepared exactly as `ssmgen continue` prepares it (mono, the model's rate, scaled by
 the whole song's peak, mu-law), the last --prompt-seconds are read through the block graph as forced
 tokens, and new samples are drawn with the same Gumbel noise stream as ssmgen's Sampler, so the
-same seed and temperature give the same tokens as `ssmgen continue --engine torch` (up to float
-near-ties: the prompt is read step by step here, in parallel there).
+same seed and temperature give the same tokens as `ssmgen continue --engine torch --no-adapt`
+(up to float near-ties: the prompt is read step by step here, in parallel there). The model is
+used as exported: adapting it to the prompt, as `ssmgen continue` does by default, needs torch.
 """
 
 from __future__ import annotations

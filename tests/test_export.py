@@ -150,12 +150,14 @@ print("NO-TORCH-OK")
 
 
 def test_onnx_continue_matches_ssmgen_continue_without_torch(tmp_path, s4d):
+    from ssmgen.adapt import Adaptation
     from ssmgen.generate.continuation import continue_song
 
     ckpt, path, _ = s4d
     song = write_tone(tmp_path / "song.wav", seconds=0.6, rate=22050, channels=2)  # resampled
     opts = dict(seconds=0.25, temperature=0.8, seed=3, prompt_seconds=0.3)
-    continue_song(song, ckpt, out=tmp_path / "ref.wav", engine="torch", progress=False, **opts)
+    continue_song(song, ckpt, out=tmp_path / "ref.wav", engine="torch", progress=False,
+                  adapt=Adaptation(passes=0), **opts)  # the exported model, as trained
     p = subprocess.run([sys.executable, "-c", WRAPPER, str(EXAMPLE), str(song), "--model",
                         str(path), "--out", str(tmp_path / "onnx.wav"), "--seconds", "0.25",
                         "--prompt-seconds", "0.3", "--temp", "0.8", "--seed", "3"],
