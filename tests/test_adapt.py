@@ -112,6 +112,9 @@ def test_eval_adapt_reports_a_third_figure(ckpt, tmp_path):
     (["continue", "SONG", "--adapt-lr", "nan"], "--adapt-lr nan: must be"),
     (["continue", "SONG", "--adapt-lr", "2"], "--adapt-lr 2"),
     (["eval", "CKPT", "--audio", "SONG", "--adapt", "--adapt-lr", "0"], "--adapt-lr 0"),
+    (["eval", "CKPT", "--audio", "SONG", "--adapt-lr", "nan"], "--adapt-lr nan"),
+    (["eval", "CKPT", "--audio", "SONG", "--adapt-lr", "0.001"], "applies with --adapt"),
+    (["continue", "SONG", "--no-adapt", "--adapt-passes", "3"], "--no-adapt: drop"),
 ])
 def test_bad_adaptation_settings_are_one_line(ckpt, tmp_path, args, fragment):
     song = write_tone(tmp_path / "s.wav", seconds=0.3, rate=16000, channels=1)

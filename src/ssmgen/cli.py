@@ -297,8 +297,13 @@ def eval_(
     chunks of its training length from a fresh state (the paper's protocol) and streamed, the
     state carried through each file (as `continue` reads a song); with --adapt, also adapting
     to each file."""
+    from ssmgen.adapt import checked_lr
+    from ssmgen.cli_tables import eval_lines
     from ssmgen.evaluate import evaluate, evaluate_audio
 
+    checked_lr(adapt_lr)
+    if not adapt and adapt_lr != ADAPT_LR:
+        raise UserError("--adapt-lr applies with --adapt: add --adapt or drop --adapt-lr")
     path = _model_choice(model, model_opt)
     show = not (quiet or as_json)
     lr = adapt_lr if adapt else None
@@ -312,30 +317,8 @@ def eval_(
         print(json.dumps(r, indent=2))
         return
 
-    def line(name: str, r: dict) -> None:
-        out.print(f"{one_line(name)}: {r['bpb']:.4f} bits per sample (8-bit, so bits per byte) "
-                  f"over {r['samples']:,} samples; accuracy top-1 {r['acc1']:.1%}, top-3 "
-                  f"{r['acc3']:.1%}, top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}",
-                  highlight=False)
-    files = r.get("files", [])
-    if len(files) > 1:
-        for f in files:
-            line(f["file"], f)
-    what = files[0]["file"] if len(files) == 1 else "all files" if files else r["split"]
-    line(f"{what}, in chunks of {r['chunk_len']:,}", r)
-    if "streamed" in r:
-        line(f"{what}, streamed", r["streamed"])
-    if "adapted" in r:
-        line(f"{what}, streamed adapting to each file", r["adapted"])
-    c = r.get("classical")
-    if c:
-        best = next((k for k in ("adapted", "streamed") if k in r), None)
-        ours = f"{r[best]['bpb']:.2f} {best}" if best else f"{r['bpb']:.2f}"
-        out.print(f"{ours} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the "
-                  f"same {'files' if files else 'split'} (order {c['order']}, {c['dist']} "
-                  f"residual with a running scale; fitted on the train split, tuned on "
-                  f"{c['tuned_on']})", highlight=False)
-
+    for text in eval_lines(r):
+        out.print(text, highlight=False)
 
 # ------------------------------------------------------------------------------------------------
 # continue
@@ -396,8 +379,12 @@ def continue_(
 ) -> None:
     """Continue any song with a trained model."""
     from ssmgen.adapt import Adaptation
+    from ssmgen.cli_tables import adapt_text
     from ssmgen.generate.continuation import StreamClosed, continue_song
 
+    if not adapt and (adapt_passes, adapt_lr) != (ADAPT_PASSES, ADAPT_LR):
+        raise UserError("--no-adapt: drop --adapt-passes and --adapt-lr (or --adapt-passes 0 "
+                        "alone)")
     temps = _number_list("--temp", temp)
     top_ps = _number_list("--top-p", top_p)
     top_ks = _number_list("--top-k", top_k, integer=True)
@@ -416,11 +403,7 @@ def continue_(
     speed = (f"{r['seconds_new'] * max(1, len(r['outputs'])):.1f} s of new audio in "
              f"{r['elapsed_s']:.1f} s including the prompt read and any first-run compile; "
              f"generation ran at {r['real_time_factor']:.2f}x real time (engine {r['engine']})")
-    a = r["adapt"]
-    if a["bits"]:
-        passes = f"{a['passes']} pass{'es' if a['passes'] > 1 else ''}"
-        speed += (f"; adapting to the prompt took {a['elapsed_s']:.1f} s ({passes}, "
-                  f"{' -> '.join(f'{b:.2f}' for b in a['bits'])} bits per sample)")
+    speed += adapt_text(r["adapt"])
     if streaming:  # standard output is the audio: everything else goes to stderr
         v = r["variations"][0]
         _say(f"streamed {r['prompt_seconds']:.2f} s of prompt and {speed}; seed {v['seed']}, "

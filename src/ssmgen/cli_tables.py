@@ -1,5 +1,6 @@
-"""The tables the command line prints (rich): what `ssmgen prep` made, what `ssmgen presets`
-offers. Built here, printed by cli.py.
+"""The tables and reports the command line prints (rich): what `ssmgen prep` made, what `ssmgen
+presets` offers, `ssmgen eval`'s figures, what adapting did in `ssmgen continue`. Built here,
+printed by cli.py.
 """
 
 from __future__ import annotations
@@ -68,3 +69,41 @@ def presets_table() -> Table:
                       f"{cfg.recipe}: {crops_text(t.batch_size, t.sample_len, t.carry_crops)}, "
                       f"lr {t.lr:g}")
     return table
+
+
+def eval_lines(r: dict) -> list[str]:
+    """`ssmgen eval`'s report of a result (`evaluate.evaluate` or `evaluate_audio`): a line per
+    file when there are several, then chunked, streamed and adapting figures, then the classical
+    coder's line beside the model's best streamed figure."""
+    def line(name: str, r: dict) -> str:
+        return (f"{one_line(name)}: {r['bpb']:.4f} bits per sample (8-bit, so bits per byte) "
+                f"over {r['samples']:,} samples; accuracy top-1 {r['acc1']:.1%}, top-3 "
+                f"{r['acc3']:.1%}, top-5 {r['acc5']:.1%}, top-10 {r['acc10']:.1%}")
+    files = r.get("files", [])
+    lines = [line(f["file"], f) for f in files] if len(files) > 1 else []
+    what = files[0]["file"] if len(files) == 1 else "all files" if files else r["split"]
+    lines.append(line(f"{what}, in chunks of {r['chunk_len']:,}", r))
+    if "streamed" in r:
+        lines.append(line(f"{what}, streamed", r["streamed"]))
+    if "adapted" in r:
+        lines.append(line(f"{what}, streamed adapting to each file", r["adapted"]))
+    c = r.get("classical")
+    if c:
+        best = next((k for k in ("adapted", "streamed") if k in r), None)
+        ours = f"{r[best]['bpb']:.2f} {best}" if best else f"{r['bpb']:.2f}"
+        lines.append(f"{ours} bits per sample; a classical LPC coder: {c['bpb']:.2f} on the "
+                     f"same {'files' if files else 'split'} (order {c['order']}, {c['dist']} "
+                     f"residual with a running scale; fitted on the train split, tuned on "
+                     f"{c['tuned_on']})")
+    return lines
+
+
+def adapt_text(adapt: dict) -> str:
+    """What adapting to the prompt did (`continue_song`'s summary['adapt']), as a clause of
+    `ssmgen continue`'s closing line; empty when it did not adapt."""
+    if not adapt["bits"]:
+        return ""
+    passes = f"{adapt['passes']} pass{'es' if adapt['passes'] > 1 else ''}"
+    bits = " -> ".join(f"{b:.2f}" for b in adapt["bits"])
+    return (f"; adapting to the prompt took {adapt['elapsed_s']:.1f} s ({passes}, {bits} bits "
+            "per sample)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssmgen.adapt import adaptation_optimizer, checked_lr, read_adapting, weights_kept
 from ssmgen.data import SPLITS, Dataset, token_chunks
 from ssmgen.errors import UserError
 from ssmgen.progress import progress_bar
@@ -38,9 +39,9 @@ def score_files(model: torch.nn.Module, files: Iterable[np.ndarray], length: int
     chunk to chunk through each file, so a position sees the whole file before it, as `continue`
     reads a prompt and generates (and as the classical coder adapts). `adapt_lr`: streamed, and
     the model adapts to each file while reading it (`adapt.read_adapting`: each chunk scored
-    before it is learnt from), from its own weights at each file's start and left as it was."""
-    from ssmgen.adapt import adaptation_optimizer, read_adapting, weights_kept
-
+    before it is learnt from), from its own weights at each file's start and left as it was.
+    `label` names the progress bar; how the files are read is added to it."""
+    label += " adapting" if adapt_lr is not None else " streamed" if streamed else ""
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
@@ -100,9 +101,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, split: str, chunk_l
         raise UserError(f"{dataset.root}: the {split} split is empty")
     if max_samples is not None:
         total = min(total, max_samples)
-    how = " adapting" if adapt_lr is not None else " streamed" if streamed else ""
     return score_files(model, dataset.file_tokens(split, max_samples), chunk_len, total=total,
-                       label=f"eval {split}{how}", rate=dataset.rate, streamed=streamed,
+                       label=f"eval {split}", rate=dataset.rate, streamed=streamed,
                        adapt_lr=adapt_lr, device=device, progress=progress)
 
 
@@ -180,8 +180,6 @@ def evaluate(checkpoint: str | Path, split: str = "test", *, data: str | Path | 
 
 
 def _check_adapt_lr(lr: float | None) -> None:
-    from ssmgen.adapt import checked_lr
-
     if lr is not None:
         checked_lr(lr)
 
@@ -224,9 +222,8 @@ def evaluate_audio(checkpoint: str | Path, files: list[str | Path], *, chunk_len
     per_file = []
     for name, tokens in songs:
         def score(carry: bool, lr: float | None = None) -> dict[str, Any]:
-            how = " adapting" if lr is not None else " streamed" if carry else ""
             return score_files(model, [tokens], length, total=len(tokens), rate=rate,
-                               label=f"eval {Path(name).name}{how}", streamed=carry,
+                               label=f"eval {Path(name).name}", streamed=carry,
                                adapt_lr=lr, device=dev, progress=progress)
         r = {"file": name, **score(False)}
         if streamed:

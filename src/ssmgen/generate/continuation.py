@@ -197,7 +197,7 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     from ssmgen.progress import progress_bar
 
     check_settings(seconds, temperature, top_k, top_p, num, prompt_seconds, at, only_new, join,
-                    seed)
+                   seed)
     adapt.checked()
     rows = sampling_grid(temperature, top_k, top_p, num, seed)
     if len(rows) > MAX_VARIATIONS:
@@ -230,8 +230,8 @@ def continue_song(song: str | Path, checkpoint: str | Path, *, seconds: float = 
     B = len(rows)
     crop = int(ckpt["config"]["train"]["sample_len"])
     check_size(model, song, n_new, n_prompt, B, join, only_new, rate,
-                f"--num {num}" if B == num else f"{B} variations (settings x --num {num})",
-                adapt_crop=crop if adapt.passes else 0)
+               f"--num {num}" if B == num else f"{B} variations (settings x --num {num})",
+               adapt_crop=crop if adapt.passes else 0)
     clip = read_song_clip(song, fmt, seconds=prompt_seconds, at=at)
     start, end, gain, song_rate = clip.start, clip.end, clip.gain, clip.info.samplerate
     prompt = encode(clip.audio * gain, fmt["encoding"]).astype(np.int64)
