@@ -75,7 +75,9 @@ class SequenceBlock(nn.Module):
 
     def _post(self, y: Tensor) -> Tensor:
         if self.output_linear is not None:
-            y = self.output_linear(F.gelu(y))
+            # contiguous: a convolution backend returns a transposed view, and GELU's backward
+            # on a strided input with a contiguous gradient takes a slow scalar path on CPU
+            y = self.output_linear(F.gelu(y.contiguous()))
             if self.glu:
                 y = F.glu(y, dim=-1)
         return self.dropout(y)
