@@ -280,3 +280,53 @@ def test_init_fine_tunes_a_model_by_name_with_a_fresh_optimizer(data, tmp_path):
                tmp_path / "y", "-q")
     assert r.returncode == 2 and "differs from the --init model's" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cooldown_planned_by_steps_and_started_by_the_clock():
+    """train.cooldown: the learning rate falls linearly to 0 over the run's last share; with
+    --max-steps from a fixed step, with --max-minutes from when that share of minutes is left,
+    for that share of the steps so far (never past a planned end), kept in the state."""
+    from ssmgen.optim import Schedule
+    cfg = load_config("tiny", overrides=["train.schedule=constant", "train.warmup_steps=0",
+                                         "train.cooldown=0.2", "train.max_steps=100"])
+    s = Schedule(cfg)
+    assert (s.cool_start, s.cool_end) == (80, 100)
+    assert [s.multiplier(t) for t in (0, 79, 80, 90, 99)] == [1.0, 1.0, 1.0, 0.5, 0.05]
+    assert s.state_dict()["cool"] is None  # planned: follows the config on resume
+    assert not s.wants_cooldown(10, elapsed_s=10.0, limit_s=float("inf"))
+    assert not s.wants_cooldown(10, elapsed_s=79.0, limit_s=100.0)
+    assert s.wants_cooldown(10, elapsed_s=80.0, limit_s=100.0)  # the clock is earlier
+    assert s.start_cooldown(60) == 75 and s.multiplier(70) == pytest.approx(1 / 3)
+    assert not s.wants_cooldown(61, elapsed_s=90.0, limit_s=100.0)  # cooling already
+    late = Schedule(cfg)
+    assert late.start_cooldown(85) == 100  # 21 steps after 85, but never past the planned end
+    timed = Schedule(load_config("tiny", overrides=["train.cooldown=0.25"]))
+    assert timed.cool_start is None and timed.multiplier(1000) == 1.0
+    assert timed.start_cooldown(30) == 40
+    again = Schedule(load_config("tiny", overrides=["train.cooldown=0.25"]))
+    again.load_state_dict(timed.state_dict())
+    assert (again.cool_start, again.cool_end, again.multiplier(35)) == (30, 40, 0.5)
+    off = Schedule(load_config("tiny", overrides=["train.max_steps=100", "train.cooldown=0"]))
+    assert off.cool_start is None and not off.wants_cooldown(99, 1e9, 1.0)
+
+
+def test_a_timed_run_cools_down_and_ends_at_its_cooldown(data, tmp_path, monkeypatch):
+    """--max-minutes with a cooldown: the loop's clock starts it (here a fake clock, 1 s per
+    reading) and the run ends where it ends, its last learning rate near 0."""
+    import types
+
+    from ssmgen import train as train_module
+    clock = iter(range(10**6))
+    monkeypatch.setattr(train_module, "time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    cfg = load_config("tiny", backend="s4d", overrides=[
+        "train.batch_size=2", "train.sample_len=1024", "train.val_max_samples=4096",
+        "train.sample_seconds=0", "train.val_every=1000", "train.max_minutes=1",
+        "train.cooldown=0.25"])
+    result = train(data, cfg, tmp_path / "run", progress=False)
+    last = weights(tmp_path / "run")
+    start, end = last["schedule"]["cool"]
+    assert result["stopped"] == "time limit" and last["step"] == end == result["steps"]
+    assert 15 <= start <= 30 and end - start == round(start / 3)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert float(rows[-1]["lr"]) == pytest.approx(cfg.train.lr / (end - start), rel=1e-3)

@@ -77,6 +77,9 @@ class TrainConfig:
     plateau_factor: float = 0.2
     plateau_patience: int = 5
     min_lr: float = 1e-6
+    #: share of the run (of --max-steps, else of --max-minutes) at its end over which the learning
+    #: rate falls linearly to zero (`optim.Schedule`); 0: off
+    cooldown: float = 0.0
     grad_clip: float = 1.0
     #: decay of a running average of the weights used for validation and the best checkpoint
     #: (`ema.py`); 0: off
@@ -145,6 +148,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.plateau_factor": (0, 1, True, False),
     "train.plateau_patience": (0, 1e6, False, True),
     "train.min_lr": (0, 1, False, False),
+    "train.cooldown": (0, 0.9, False, False),
     "train.grad_clip": (0, 1e6, False, False),
     "train.ema": (0, 0.99999, False, False),
     "train.carry_crops": (1, 1 << 20, False, True),

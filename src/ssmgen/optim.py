@@ -16,7 +16,14 @@ log = logging.getLogger("ssmgen.train")
 
 
 class Schedule:
-    """Learning-rate multiplier per step, plus ReduceLROnPlateau-style drops on validation."""
+    """Learning-rate multiplier per step: warm-up, the schedule's shape, ReduceLROnPlateau-style
+    drops on validation, and a linear cooldown to zero over the last `train.cooldown` of the run.
+
+    The cooldown's place is known from the start with --max-steps; a run limited by minutes
+    starts it when that share of its minutes is left (`start_cooldown`, decided by the loop's
+    clock), for as many steps as the same share of the run took so far. Its place is kept in the
+    state, so a resumed run goes on as the interrupted one would have.
+    """
 
     def __init__(self, cfg: Config) -> None:
         t = cfg.train
@@ -25,6 +32,13 @@ class Schedule:
         self.total = t.max_steps
         self.factor, self.patience = t.plateau_factor, t.plateau_patience
         self.scale, self.best, self.bad = 1.0, math.inf, 0
+        self.cooldown = t.cooldown
+        self.cool_start: int | None = None  # first step of the cooldown
+        self.cool_end: int | None = None    # the step the run ends at (lr reaches 0 there)
+        self.timed = False                  # started by the clock (kept in the state)
+        if self.cooldown > 0 and self.total:
+            self.cool_end = self.total
+            self.cool_start = self.total - max(1, round(self.cooldown * self.total))
 
     def multiplier(self, step: int) -> float:
         m = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
@@ -32,7 +46,25 @@ class Schedule:
             progress = min(1.0, max(0.0, (step - self.warmup) / max(1, self.total - self.warmup)))
             floor = self.min_lr / self.base_lr
             m *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.cool_start is not None and step >= self.cool_start:
+            m *= max(0.0, (self.cool_end - step) / (self.cool_end - self.cool_start))
         return m * self.scale
+
+    def wants_cooldown(self, step: int, elapsed_s: float, limit_s: float) -> bool:
+        """Whether a run limited to `limit_s` seconds should start its cooldown at `step`, having
+        trained `elapsed_s` (not if it already cools down)."""
+        return (self.cooldown > 0 and math.isfinite(limit_s)
+                and elapsed_s >= (1 - self.cooldown) * limit_s
+                and (self.cool_start is None or self.cool_start > step))
+
+    def start_cooldown(self, step: int) -> int:
+        """Start the cooldown at `step` (the minutes left are `train.cooldown` of the run): it lasts
+        what that share of the run's steps is, never past a planned end. Returns the end step."""
+        n = max(1, round(step * self.cooldown / (1 - self.cooldown)))
+        end = step + n if self.cool_end is None else min(self.cool_end, step + n)
+        self.cool_start, self.cool_end = step, max(end, step + 1)
+        self.timed = True
+        return self.cool_end
 
     def on_validation(self, metric: float) -> None:
         if self.kind != "plateau":
@@ -47,10 +79,16 @@ class Schedule:
                 log.info("validation bpb has not improved: learning rate x %s", self.factor)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+        # a cooldown planned from --max-steps follows the config (a resumed run may change it);
+        # one the clock started is kept
+        cool = [self.cool_start, self.cool_end] if self.timed else None
+        return {"scale": self.scale, "best": self.best, "bad": self.bad, "cool": cool}
 
     def load_state_dict(self, d: dict) -> None:
         self.scale, self.best, self.bad = float(d["scale"]), float(d["best"]), int(d["bad"])
+        if d.get("cool") is not None:
+            self.cool_start, self.cool_end = (int(v) for v in d["cool"])
+            self.timed = True
 
 
 def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW:

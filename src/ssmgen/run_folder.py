@@ -56,10 +56,12 @@ def announce(run: Path, cfg: Config, dataset: Dataset, device: torch.device,
     """Say, before the first step, where the run goes, how it trains and how it will stop."""
     t = cfg.train
     warm = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
-    log.info("%s %s: preset %s, backend %s, recipe %s (%s, lr %g%s, schedule %s) on %s%s",
+    limited = t.max_steps is not None or t.max_minutes is not None
+    cool = f", falling to 0 over the last {t.cooldown:.0%}" if t.cooldown and limited else ""
+    log.info("%s %s: preset %s, backend %s, recipe %s (%s, lr %g%s, schedule %s%s) on %s%s",
              "resuming" if resumed else "training into", run, cfg.preset, cfg.model.backend,
              cfg.recipe, crops_text(t.batch_size, t.sample_len, t.carry_crops), t.lr, warm,
-             t.schedule, device.type, f", starting from {init}" if init else "")
+             t.schedule, cool, device.type, f", starting from {init}" if init else "")
     if t.max_steps is None and t.max_minutes is None:
         log.info("no --max-steps or --max-minutes: training runs until you press Ctrl-C, which "
                  "saves a checkpoint first; validation every %d steps", t.val_every)
