@@ -306,6 +306,9 @@ def test_cooldown_planned_by_steps_and_started_by_the_clock():
     again = Schedule(load_config("tiny", overrides=["train.cooldown=0.25"]))
     again.load_state_dict(timed.state_dict())
     assert (again.cool_start, again.cool_end, again.multiplier(35)) == (30, 40, 0.5)
+    done = Schedule(load_config("tiny", overrides=["train.cooldown=0.25"]))
+    done.load_state_dict(timed.state_dict(), step=40)  # that run finished: a new limit plans anew
+    assert done.cool_start is None and done.multiplier(40) == 1.0
     off = Schedule(load_config("tiny", overrides=["train.max_steps=100", "train.cooldown=0"]))
     assert off.cool_start is None and not off.wants_cooldown(99, 1e9, 1.0)
 
@@ -330,3 +333,8 @@ def test_a_timed_run_cools_down_and_ends_at_its_cooldown(data, tmp_path, monkeyp
     assert 15 <= start <= 30 and end - start == round(start / 3)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert float(rows[-1]["lr"]) == pytest.approx(cfg.train.lr / (end - start), rel=1e-3)
+    # resumed with a longer limit, the finished run trains on (and cools down again at its end)
+    cfg.train.max_minutes = 2
+    again = train(data, cfg, tmp_path / "run", resume=True, progress=False)
+    start2, end2 = weights(tmp_path / "run")["schedule"]["cool"]
+    assert again["steps"] == end2 > end and start2 > end

@@ -84,10 +84,13 @@ class Schedule:
         cool = [self.cool_start, self.cool_end] if self.timed else None
         return {"scale": self.scale, "best": self.best, "bad": self.bad, "cool": cool}
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_state_dict(self, d: dict, step: int | None = None) -> None:
+        """`step`: where the resumed run stands. A clock-started cooldown that had not ended goes
+        on; one that ended belongs to a run that finished, and the new limit plans its own."""
         self.scale, self.best, self.bad = float(d["scale"]), float(d["best"]), int(d["bad"])
-        if d.get("cool") is not None:
-            self.cool_start, self.cool_end = (int(v) for v in d["cool"])
+        cool = d.get("cool")
+        if cool is not None and (step is None or step < int(cool[1])):
+            self.cool_start, self.cool_end = (int(v) for v in cool)
             self.timed = True
 
 

@@ -171,8 +171,8 @@ class Trainer:
         if self.state is not None:
             load_weights(self.model, self.state["model"], self.run_dir / "checkpoints" / "last.pt")
             self.optimizer.load_state_dict(self.state["optimizer"])
-            self.schedule.load_state_dict(self.state["schedule"])
             self.step, self.elapsed = int(self.state["step"]), float(self.state["seconds"])
+            self.schedule.load_state_dict(self.state["schedule"], self.step)
             self.best = float(self.state["best_bpb"])
         # Which crops each row reads, and (with train.carry_crops > 1) this rank's rows' carried
         # states: both resume from the checkpoint, so a resumed run replays the same steps.
