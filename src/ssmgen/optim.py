@@ -57,6 +57,10 @@ class Schedule:
                 and elapsed_s >= (1 - self.cooldown) * limit_s
                 and (self.cool_start is None or self.cool_start > step))
 
+    def cooled_down(self, step: int) -> bool:
+        """Whether a cooldown the clock started has ended at `step` (the run stops there)."""
+        return self.timed and step >= self.cool_end
+
     def start_cooldown(self, step: int) -> int:
         """Start the cooldown at `step` (the minutes left are `train.cooldown` of the run): it lasts
         what that share of the run's steps is, never past a planned end. Returns the end step."""

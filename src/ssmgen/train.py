@@ -349,8 +349,6 @@ class Trainer:
         limit_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else math.inf
         max_steps = cfg.train.max_steps if cfg.train.max_steps is not None else 1 << 62
         reason = "max steps"
-        # a cooldown the clock started ends the run at its last step (a resumed one too)
-        cool_end = self.schedule.cool_end if self.schedule.timed else math.inf
         started = time.perf_counter() - self.elapsed
         self.t_log, self.n_log = time.perf_counter(), 0
         model.train()
@@ -364,14 +362,16 @@ class Trainer:
                 # Every rank must stop (and start a timed cooldown) at the same step: rank 0's
                 # clock and Ctrl-C decide.
                 spent = time.perf_counter() - started
-                stopping = _agree(world, 2 if stop.requested else
-                                  1 if spent >= limit_s or self.step >= cool_end else
-                                  3 if self.schedule.wants_cooldown(self.step, spent, limit_s)
-                                  else 0)
+                if stop.requested:
+                    flag = 2
+                elif spent >= limit_s or self.schedule.cooled_down(self.step):
+                    flag = 1
+                else:
+                    flag = 3 if self.schedule.wants_cooldown(self.step, spent, limit_s) else 0
+                stopping = _agree(world, flag)
                 if stopping == 3:
-                    cool_end = self.schedule.start_cooldown(self.step)
                     log.info("cooldown: the learning rate falls to 0 from step %d to %d",
-                             self.step, cool_end)
+                             self.step, self.schedule.start_cooldown(self.step))
                 elif stopping:
                     reason = "interrupted" if stopping == 2 else "time limit"
                     break
