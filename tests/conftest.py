@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
+
+# The suite runs as 2 pytest-xdist workers on 2 cores, and many tests start the command line in a
+# subprocess: one thread each for torch and numba there too (tests/helpers.py does the same for
+# torch in the workers). Two workers each starting a 2-thread pool oversubscribe the cores, and
+# every tiny op of a tiny model then waits on a busy pool (docs/benchmarks.md, "test suite").
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 
 def synth(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, amp: float = 0.5,
