@@ -159,6 +159,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(data, tmp_path):
      "no training file is as long as one training chunk"),
     (["DATA", "--device", "cuda", "--max-steps", "1"], "no CUDA device"),
     (["DATA", "--set", "model.d_modle=3", "--max-steps", "1"], "unknown key 'd_modle'"),
+    (["DATA", "--set", "train.optimizer=sgd", "--max-steps", "1"], "use one of adamw, muon"),
     (["DATA", "--sample-len", "16384", "--batch-size", "4096", "--max-steps", "1"],
      "GiB of memory"),
 ])
@@ -262,7 +263,8 @@ def test_init_fine_tunes_a_model_by_name_with_a_fresh_optimizer(data, tmp_path):
     assert "starting from" in r.stderr and "ablated-s4d-pieces" in r.stderr
     tuned = weights(run)
     assert tuned["step"] == 1 and tuned["init"].endswith("ablated-s4d-pieces.pt")
-    assert tuned["optimizer"]["state"][0]["step"] == 1  # a fresh optimizer: one step of its own
+    adamw = tuned["optimizer"].get("adamw", tuned["optimizer"])  # alone, or beside Muon
+    assert adamw["state"][0]["step"] == 1  # a fresh optimizer: one step of its own
     close = [torch.allclose(tuned["model"][k], v, atol=1e-2) for k, v in bundled["model"].items()]
     assert all(close)  # one small step away from the bundled weights
     assert any(not torch.equal(tuned["model"][k], v) for k, v in bundled["model"].items())

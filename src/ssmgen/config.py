@@ -81,6 +81,8 @@ class TrainConfig:
     #: rate falls linearly to zero (`optim.Schedule`); 0: off
     cooldown: float = 0.0
     grad_clip: float = 1.0
+    #: "adamw"; "muon": Muon on the hidden weight matrices, AdamW on the rest (`optim.py`)
+    optimizer: str = "adamw"
     #: decay of a running average of the weights used for validation and the best checkpoint
     #: (`ema.py`); 0: off
     ema: float = 0.0
@@ -125,6 +127,7 @@ class Config:
 
 CHOICES = {"model.prior": ("none", "lpc"),
            "train.schedule": ("plateau", "cosine", "constant"),
+           "train.optimizer": ("adamw", "muon"),
            "train.device": ("auto", "cpu", "cuda"),
            "train.amp": ("auto", "bf16", "off")}
 AUTO_BATCH_MAX = 16  # "auto" batches stop here: beyond it more steps beat bigger ones

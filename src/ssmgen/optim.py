@@ -98,15 +98,63 @@ class Schedule:
             self.timed = True
 
 
-def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with the SSM parameters in their own group (reference: lr 1e-3, no weight decay)."""
+class MuonAdamW:
+    """Muon (Jordan et al. 2024, `torch.optim.Muon`) on the hidden weight matrices and AdamW on
+    the other parameters, as one optimizer for the training loop: `param_groups` (the loop sets
+    each group's lr from its "base_lr"), `zero_grad`, `step`, and a state dict holding both."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read each time: load_state_dict gives both optimizers new group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.muon.load_state_dict(d["muon"])
+        self.adamw.load_state_dict(d["adamw"])
+
+
+def hidden_matrices(model: SaShiMi) -> list[torch.nn.Parameter]:
+    """The weights Muon updates: every linear layer's matrix inside the network (sequence and
+    feed-forward blocks, pools, a backend's projections), not the token table, the output head
+    or the state-space parameters, which stay with AdamW as Muon's authors prescribe."""
     ssm = {id(p) for p in model.ssm_parameters()}
-    rest = [p for p in model.parameters() if id(p) not in ssm]
-    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
-               "base_lr": cfg.train.lr},
-              {"params": [p for p in model.parameters() if id(p) in ssm], "lr": cfg.train.ssm_lr,
-               "weight_decay": 0.0, "base_lr": cfg.train.ssm_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
+    edge = {id(p) for m in (model.embedding, model.head) for p in m.parameters()}
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
+            and id(m.weight) not in ssm and id(m.weight) not in edge]
+
+
+def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW | MuonAdamW:
+    """AdamW with the SSM parameters in their own group (reference: lr 1e-3, no weight decay);
+    with `train.optimizer: muon`, the hidden matrices (`hidden_matrices`) move to Muon at the
+    same rate (its update scaled to AdamW's size, "match_rms_adamw")."""
+    t = cfg.train
+    ssm = {id(p) for p in model.ssm_parameters()}
+    hidden = hidden_matrices(model) if t.optimizer == "muon" else []
+    skip = ssm | {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in skip]
+    groups = [{"params": rest, "lr": t.lr, "weight_decay": t.weight_decay, "base_lr": t.lr},
+              {"params": [p for p in model.parameters() if id(p) in ssm], "lr": t.ssm_lr,
+               "weight_decay": 0.0, "base_lr": t.ssm_lr}]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([{"params": hidden, "lr": t.lr, "base_lr": t.lr}], lr=t.lr,
+                            weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
 
 
 def sync_schedule(schedule: Schedule) -> None:
