@@ -128,13 +128,18 @@ class MuonAdamW:
 
 
 def hidden_matrices(model: SaShiMi) -> list[torch.nn.Parameter]:
-    """The weights Muon updates: every linear layer's matrix inside the network (sequence and
-    feed-forward blocks, pools, a backend's projections), not the token table, the output head
-    or the state-space parameters, which stay with AdamW as Muon's authors prescribe."""
-    ssm = {id(p) for p in model.ssm_parameters()}
-    edge = {id(p) for m in (model.embedding, model.head) for p in m.parameters()}
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
-            and id(m.weight) not in ssm and id(m.weight) not in edge]
+    """The weights Muon updates: the matrices of the linear layers between the sequence layers
+    (each sequence block's output map, the feed-forward blocks, the pools). The token table and
+    the output head stay with AdamW, as Muon's authors prescribe, and so does everything inside a
+    backend (its state-space parameters, and Mamba's projections, which make its B, C and dt:
+    with Muon on them Mamba learnt far slower, docs/benchmarks.md)."""
+    from ssmgen.backends import SequenceBackend
+
+    keep = {id(p) for m in model.modules() if isinstance(m, SequenceBackend)
+            for p in m.parameters()}
+    keep |= {id(p) for m in (model.embedding, model.head) for p in m.parameters()}
+    return [m.weight for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in keep]
 
 
 def make_optimizer(model: SaShiMi, cfg: Config) -> torch.optim.AdamW | MuonAdamW:
