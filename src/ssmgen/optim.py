@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ssmgen.backends import SequenceBackend
 from ssmgen.config import Config
 from ssmgen.model import SaShiMi
 
@@ -133,8 +134,6 @@ def hidden_matrices(model: SaShiMi) -> list[torch.nn.Parameter]:
     the output head stay with AdamW, as Muon's authors prescribe, and so does everything inside a
     backend (its state-space parameters, and Mamba's projections, which make its B, C and dt:
     with Muon on them Mamba learnt far slower, docs/benchmarks.md)."""
-    from ssmgen.backends import SequenceBackend
-
     keep = {id(p) for m in model.modules() if isinstance(m, SequenceBackend)
             for p in m.parameters()}
     keep |= {id(p) for m in (model.embedding, model.head) for p in m.parameters()}
