@@ -49,8 +49,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 def test_a_muon_step_is_orthogonalized_and_resumes_from_its_state():
     """Muon's first step moves a matrix by (roughly) an orthogonal matrix: along the gradient's
     main directions the update's singular values are of one size, where the gradient's span
-    orders of magnitude.
-    Its state dict restores the next step exactly."""
+    orders of magnitude. Its state dict restores the next step exactly."""
     cfg = _cfg("s4d")
     torch.manual_seed(0)
     model = SaShiMi(cfg.model)
