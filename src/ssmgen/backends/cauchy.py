@@ -7,7 +7,8 @@ and what runs on GPUs. On CPU it is memory-bound: each complex elementwise pass 
 the reciprocal, then four or five in its backward) reads and writes H T N complex numbers (67 MB
 for one layer of the ablated model at T = 4096), and those passes were half of a training step.
 `cauchy_compiled` (numba, with its own backward) makes one pass that keeps the reciprocals in
-registers; the tests compare the two, gradients included.
+registers; the tests compare the two, gradients included. `cauchy_transposed` sums the same
+reciprocals over the nodes k instead (S4's state after a training chunk, taken without gradients).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def cauchy_ref(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """S (H, T, J) = sum_n c[h, j, n] / (a[h, k] - b[k, n]) for a (H, T), b (T, N), c (H, J, N)."""
     q = 1 / (a.unsqueeze(-1) - b)  # (H, T, N)
     return q @ c.transpose(1, 2)
+
+
+def cauchy_transposed_ref(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """U (H, J, N) = sum_k w[h, k, j] / (a[h, k] - b[k, n]) for a (H, T), b (T, N), w (H, T, J):
+    the same reciprocals as `cauchy_ref`, summed over the nodes k instead of n."""
+    q = 1 / (a.unsqueeze(-1) - b)  # (H, T, N)
+    return w.transpose(1, 2) @ q
 
 
 if HAS_NUMBA:
@@ -106,6 +114,30 @@ if HAS_NUMBA:
                     dai[h, k] = sa_i
 
 
+    @njit(parallel=True, **JIT)
+    def _transposed(ar, ai, br, bi, wr, wi, ur, ui):  # pragma: no cover - compiled
+        """U[h, j, n] = sum_k w[h, k, j] q[h, k, n], accumulated in float64 (T terms)."""
+        H, T = ar.shape
+        N, J = br.shape[1], wr.shape[2]
+        for h in prange(H):
+            qr = np.empty(N, dtype=ar.dtype)
+            qi = np.empty(N, dtype=ar.dtype)
+            accr = np.zeros((J, N), dtype=np.float64)
+            acci = np.zeros((J, N), dtype=np.float64)
+            for k in range(T):
+                _recip(ar[h, k], ai[h, k], br[k], bi[k], qr, qi)
+                for j in range(J):
+                    g_r = wr[h, k, j]
+                    g_i = wi[h, k, j]
+                    for n in range(N):
+                        accr[j, n] += qr[n] * g_r - qi[n] * g_i
+                        acci[j, n] += qr[n] * g_i + qi[n] * g_r
+            for j in range(J):
+                for n in range(N):
+                    ur[h, j, n] = accr[j, n]
+                    ui[h, j, n] = acci[j, n]
+
+
 def _split(z: Tensor) -> tuple[np.ndarray, np.ndarray]:
     z = z.detach()
     return z.real.contiguous().numpy(), z.imag.contiguous().numpy()
@@ -152,3 +184,18 @@ def cauchy(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     if HAS_NUMBA and a.device.type == "cpu":
         return cauchy_compiled(a, b, c)
     return cauchy_ref(a, b, c)
+
+
+def cauchy_transposed(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """The sums of `cauchy_transposed_ref`: compiled on CPU where no gradient is asked for (it has
+    no backward), PyTorch otherwise."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, w))
+    if not HAS_NUMBA or a.device.type != "cpu" or wants_grad:
+        return cauchy_transposed_ref(a, b, w)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), w.dtype)
+    a, b, w = a.to(dtype), b.to(dtype), w.to(dtype)
+    H, J, N = a.shape[0], w.shape[2], b.shape[1]
+    real = a.real.dtype
+    ur, ui = a.new_empty((H, J, N), dtype=real), a.new_empty((H, J, N), dtype=real)
+    _transposed(*_split(a), *_split(b), *_split(w), ur.numpy(), ui.numpy())
+    return torch.complex(ur, ui)

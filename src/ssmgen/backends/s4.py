@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmgen.backends.base import ComplexModeState, SequenceBackend, State
-from ssmgen.backends.cauchy import cauchy
+from ssmgen.backends.cauchy import cauchy, cauchy_transposed
 from ssmgen.backends.fftconv import causal_conv
 from ssmgen.backends.matpow import hi_dtype, horner, krylov, matpow, powers
 
@@ -286,6 +286,14 @@ class S4(ComplexModeState, SequenceBackend):
         T = L if L <= cap else cap
         return T, -(-L // T)
 
+    def _nodes(self, T: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The Cauchy nodes at zeta_k = exp(-2 pi i k/T): a (H, T), b (T, N/2) with the
+        reciprocals q = 1 / (a[h, k] - b[k, n]) = 1/Delta_n, and 1 + zeta (T, 1)."""
+        dt, lam = self._params()[:2]
+        zeta = _roots(T, lam.dtype, lam.device)
+        z1 = (1 + zeta)[:, None]
+        return (2 / dt)[:, None] * (1 - zeta), z1 * lam, z1
+
     def _cauchy(self, T: int, ct: Tensor, keep_q: bool = False, extra: Tensor | None = None):
         """Cauchy sums at zeta_k = exp(-2 pi i k/T), k < T, over the stored half of the modes.
 
@@ -299,9 +307,7 @@ class S4(ComplexModeState, SequenceBackend):
         """
         dt, lam, P, B, _ = self._params()
         R, nb = P.shape[0], ct.shape[1]
-        zeta = _roots(T, lam.dtype, lam.device)
-        z1 = (1 + zeta)[:, None]  # (T, 1)
-        a, b = (2 / dt)[:, None] * (1 - zeta), z1 * lam  # q = 1 / (a[h, k] - b[k, n])
+        a, b, z1 = self._nodes(T)
         Pc = P.conj()
         H = a.shape[0]
         cols = torch.cat([(Pc[:, None, :] * P[None]).reshape(R * R, -1), Pc * B], 0)  # (R*R+R, n)
@@ -411,19 +417,26 @@ class S4(ComplexModeState, SequenceBackend):
     def _final_state_of(self, u: Tensor, state: State) -> State:
         """The state after u (B, H, L) from `state`, one block of T = L (no gradients wanted):
         x_L = r + dA^L (x0 - r), r = sum_j f_j u_(L-1-j) from the aliased f_j = (I - dA^L)^-1
-        dA^j dB (the inverse FFT of the resolvent vectors X); dA^L by log2 L squarings in
-        float64. Neither the true C nor the kernel is needed."""
+        dA^j dB, the inverse FFT of the resolvent vectors X_k = 2 q_k (B - coef_k P) (half
+        modes). By Parseval r = sum_k X_k V_k with V the inverse FFT of the reversed input, so
+        r = 2 B (sum_k q_k V_k) - 2 P (sum_k q_k coef_k V_k): transposed Cauchy sums, compiled on
+        CPU, and neither X nor the reciprocals are formed. dA^L by log2 L squarings in float64.
+        Neither the true C nor the kernel is needed."""
         Bt, H, L = u.shape
-        N2 = self.d_state // 2
         hi = hi_dtype(self.log_dt.device)
         AL = matpow(powers(self.transition_matrix(self._dynamics(hi)), L), L)
-        _, parts = self._cauchy(L, self._params()[4][:, None, :], keep_q=True)
-        X, _ = self._state_maps(None, parts, echo=False)
-        f = torch.view_as_real(torch.fft.ifft(X, dim=1)).flatten(2)  # (H, T, N) pairs interleaved
-        r = torch.einsum("htj,bht->hjb", f, u.flip(-1).to(f.dtype))
-        r = r.unflatten(1, (N2, 2)).transpose(1, 2).flatten(1, 2).to(hi)  # rho form (H, N, B)
+        _, lam, P, B, ct = self._params()
+        coef = self._cauchy(L, ct[:, None, :])[1].coef  # (H, L, R)
+        V = torch.fft.ifft(u.flip(-1).to(lam.dtype), dim=-1).permute(1, 2, 0)  # (H, L, B)
+        w = torch.cat([V, (coef.unsqueeze(-1) * V.unsqueeze(-2)).flatten(2)], -1)
+        a, b, _ = self._nodes(L)
+        U = cauchy_transposed(a, b, w)  # (H, B + R B, N/2)
+        UP = U[:, Bt:].unflatten(1, (P.shape[0], Bt))  # (H, R, B, N/2)
+        r = 2 * (B * U[:, :Bt] - torch.einsum("rn,hrbn->hbn", P, UP))  # (H, B, N/2)
+        r = torch.cat([r.real, r.imag], -1).transpose(1, 2).to(hi)  # rho form (H, N, B)
         x0 = torch.cat(state, -1).permute(1, 2, 0).to(hi)
         xL = (r + AL @ (x0 - r)).permute(2, 0, 1).to(u.dtype)
+        N2 = self.d_state // 2
         return xL[..., :N2].contiguous(), xL[..., N2:].contiguous()
 
     # --- modes -----------------------------------------------------------------------------------
