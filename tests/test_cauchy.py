@@ -48,7 +48,6 @@ def test_cpu_dispatch_uses_the_compiled_sums():
     assert "CompiledCauchy" in type(cauchy(a, b, c).grad_fn).__name__
 
 
-
 @pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-13), (torch.complex64, 2e-6)])
 @pytest.mark.parametrize("H,T,N,J", [(5, 17, 6, 4), (3, 64, 32, 9), (2, 4096, 32, 3)])
 def test_transposed_compiled_matches_reference(dtype, tol, H, T, N, J, monkeypatch):

@@ -113,7 +113,6 @@ if HAS_NUMBA:
                     dar[h, k] = sa_r
                     dai[h, k] = sa_i
 
-
     @njit(parallel=True, **JIT)
     def _transposed(ar, ai, br, bi, wr, wi, ur, ui):  # pragma: no cover - compiled
         """U[h, j, n] = sum_k w[h, k, j] q[h, k, n], accumulated in float64 (T terms)."""
