@@ -191,13 +191,9 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, carry):
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4)
     if carry > 1:
         assert a["carry"]["cursors"] == b["carry"]["cursors"]
-        # The states come from weights that differ in float32 rounding (one batch of 4 against
-        # two ranks' 2 and an all-reduce), grown through Adam's steps and a 1024-step recurrence:
-        # up to 5e-5 of values up to 2.8 (measured). A row gathered from the wrong rank or place
-        # would differ by the values themselves.
         for k, v in a["carry"]["state"].items():
             assert v.shape[0] == 4
-            torch.testing.assert_close(v, b["carry"]["state"][k], atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(v, b["carry"]["state"][k], atol=2e-5, rtol=1e-4)
 
 
 def _chromium():
